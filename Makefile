@@ -1,0 +1,27 @@
+# walsync: the two commands a newcomer needs are `make demo` and `make test`.
+.PHONY: demo test stack-up stack-down stack-status build lint fmt
+
+demo: ## bring the local stack up and show the pipeline
+	scripts/demo
+
+test: ## bring the stack up if needed, run every test suite, stop what was started
+	scripts/test
+
+stack-up: ## install and start PostgreSQL, Kafka and the search server on 127.0.0.1
+	scripts/stack up
+
+stack-down: ## stop everything stack-up started
+	scripts/stack down
+
+stack-status:
+	scripts/stack status
+
+build:
+	cargo build --release
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+
+fmt:
+	cargo fmt --all

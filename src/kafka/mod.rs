@@ -1,0 +1,6 @@
+//! The Kafka side: topics, the producer the source writes through, and the consumer the sink
+//! reads from.
+//!
+//! Owns topic naming and creation (`<topic_prefix>.<schema>.<table>`), producer settings
+//! (idempotence, acks=all, no message timeout), and the tracking of which transactions Kafka has
+//! acknowledged, from which the source derives the LSN it may confirm to Postgres.

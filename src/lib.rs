@@ -1,0 +1,22 @@
+//! walsync: change data capture from PostgreSQL to Kafka to Elasticsearch.
+//!
+//! Data flows one way, and the modules follow it:
+//!
+//! ```text
+//!   WAL ──► postgres ──► event ──► kafka ──► sink ──► Elasticsearch
+//!          (replication,  (the     (topics,   (bulk,
+//!           pgoutput,     change    producer,  versions,
+//!           types, slots, envelope) consumer)  deletes)
+//!           snapshots)
+//! ```
+//!
+//! `shell` is the operational shell around that path: CLI, configuration, metrics and health.
+//! The invariants every module keeps are written down in `docs/design.md`: versions are commit
+//! LSNs, Postgres hears "flushed" only after Kafka has the data, partitions are applied in order,
+//! and every queue is bounded.
+
+pub mod event;
+pub mod kafka;
+pub mod postgres;
+pub mod shell;
+pub mod sink;

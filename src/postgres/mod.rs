@@ -1,0 +1,14 @@
+//! The PostgreSQL side: everything that talks to, or decodes bytes from, the source database.
+//!
+//! - `replication`: the logical replication client (startup with `replication=database`,
+//!   authentication, TLS, CopyBoth streaming, standby status updates).
+//! - `pgoutput`: the pure decoder of pgoutput messages; no I/O, fuzzable.
+//! - `types`: the codec from Postgres text values to JSON, shared by streaming and snapshots.
+//! - `slot`: replication slot and publication management, preflight checks, migrations.
+//! - `snapshot`: the consistent initial copy and backfills, versioned at `cp − 1`.
+
+pub mod pgoutput;
+pub mod replication;
+pub mod slot;
+pub mod snapshot;
+pub mod types;

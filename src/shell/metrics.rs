@@ -1,0 +1,1 @@
+//! Metrics (`/metrics`, Prometheus), liveness (`/healthz`) and readiness (`/readyz`).

@@ -1,0 +1,7 @@
+//! The Elasticsearch sink: applies change events to indices idempotently.
+//!
+//! Owns index and alias management, document ids from primary keys, bulk batching per
+//! partition in offset order, external versions (`external_gte` with the commit LSN), the
+//! classification of bulk errors into retry / dead-letter, deletes and truncates, and the
+//! comparison core that decides whether an index equals its table. It speaks only the REST API
+//! that Elasticsearch 7.10+/8/9 and OpenSearch 2.x share.
