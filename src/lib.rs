@@ -10,6 +10,7 @@
 //!           snapshots)
 //! ```
 //!
+//! `source` wires the first half (WAL → Kafka) together and owns the confirmation loop.
 //! `shell` is the operational shell around that path: CLI, configuration, metrics and health.
 //! The invariants every module keeps are written down in `docs/design.md`: versions are commit
 //! LSNs, Postgres hears "flushed" only after Kafka has the data, partitions are applied in order,
@@ -20,3 +21,4 @@ pub mod kafka;
 pub mod postgres;
 pub mod shell;
 pub mod sink;
+pub mod source;

@@ -4,3 +4,7 @@
 //! Owns topic naming and creation (`<topic_prefix>.<schema>.<table>`), producer settings
 //! (idempotence, acks=all, no message timeout), and the tracking of which transactions Kafka has
 //! acknowledged, from which the source derives the LSN it may confirm to Postgres.
+
+pub mod frontier;
+pub mod producer;
+pub mod topics;

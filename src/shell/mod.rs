@@ -7,3 +7,18 @@
 pub mod cli;
 pub mod config;
 pub mod metrics;
+
+/// Logs through `tracing`: human-readable by default, JSON when `format` is "json". The level
+/// comes from `RUST_LOG` (default `info`).
+pub fn init_logging(format: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
+}

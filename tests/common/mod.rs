@@ -2,6 +2,9 @@
 //! waiting on a condition with a deadline.
 #![allow(dead_code)]
 
+pub mod kafka;
+pub mod literals;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;

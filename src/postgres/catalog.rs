@@ -1,0 +1,264 @@
+//! The metadata connection: an ordinary `tokio-postgres` session for everything that is not
+//! the replication stream — server settings, privileges, tables and keys, slots, publications,
+//! types, walsync's own tables. It pins the same session settings as the replication
+//! connection, so values read here render as streamed values do.
+
+use tokio_postgres::{Client, NoTls};
+
+use crate::postgres::lsn::Lsn;
+use crate::postgres::replication::ConnectParams;
+use crate::postgres::types::{SESSION_SETTINGS, TypeKind};
+
+/// What the catalog says about one captured table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableInfo {
+    pub schema: String,
+    pub name: String,
+    pub oid: u32,
+    /// `r` table, `p` partitioned table, `v` view, …
+    pub kind: char,
+    /// Primary-key column names in key order; empty when there is none.
+    pub primary_key: Vec<String>,
+    /// `d` default, `n` nothing, `f` full, `i` index.
+    pub replica_identity: char,
+}
+
+/// A replication slot as `pg_replication_slots` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotInfo {
+    pub name: String,
+    pub plugin: Option<String>,
+    pub database: Option<String>,
+    pub temporary: bool,
+    pub active_pid: Option<i32>,
+    pub confirmed_flush_lsn: Option<Lsn>,
+    pub restart_lsn: Option<Lsn>,
+    /// reserved, extended, unreserved or lost.
+    pub wal_status: Option<String>,
+}
+
+/// The role walsync connects as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoleInfo {
+    pub name: String,
+    pub superuser: bool,
+    pub replication: bool,
+    /// Managed-service roles that grant replication (`rds_replication`, …) held by the role.
+    pub replication_roles: Vec<String>,
+}
+
+impl RoleInfo {
+    pub fn can_replicate(&self) -> bool {
+        self.superuser || self.replication || !self.replication_roles.is_empty()
+    }
+}
+
+/// Managed services grant replication through membership in a role instead of the attribute.
+const MANAGED_REPLICATION_ROLES: &[&str] = &[
+    "rds_replication",
+    "rds_superuser",
+    "azure_pg_admin",
+    "cloudsqlsuperuser",
+    "alloydbsuperuser",
+];
+
+pub struct Catalog {
+    client: Client,
+}
+
+impl Catalog {
+    pub async fn connect(params: &ConnectParams) -> Result<Self, tokio_postgres::Error> {
+        let mut config = tokio_postgres::Config::new();
+        config
+            .host(&params.host)
+            .port(params.port)
+            .user(&params.user)
+            .dbname(&params.dbname)
+            .application_name(format!("{}-metadata", params.application_name));
+        if let Some(password) = &params.password {
+            config.password(password);
+        }
+        let options: String = SESSION_SETTINGS
+            .iter()
+            .map(|(name, value)| format!("-c {name}={value} "))
+            .collect();
+        config.options(options.trim_end());
+        let (client, connection) = config.connect(NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::warn!(%error, "metadata connection closed");
+            }
+        });
+        Ok(Self { client })
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    pub fn client_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
+
+    pub async fn setting(&self, name: &str) -> Result<String, tokio_postgres::Error> {
+        let row = self
+            .client
+            .query_one("SELECT setting FROM pg_settings WHERE name = $1", &[&name])
+            .await?;
+        Ok(row.get(0))
+    }
+
+    pub async fn server_version_num(&self) -> Result<i32, tokio_postgres::Error> {
+        Ok(self
+            .setting("server_version_num")
+            .await?
+            .parse()
+            .unwrap_or(0))
+    }
+
+    pub async fn role(&self) -> Result<RoleInfo, tokio_postgres::Error> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT rolname::text, rolsuper, rolreplication,
+                        coalesce(array(SELECT b.rolname::text FROM pg_roles b
+                                       WHERE b.rolname = ANY($1) AND pg_has_role(r.oid, b.oid, 'member')), '{}')
+                 FROM pg_roles r WHERE rolname = current_user",
+                &[&MANAGED_REPLICATION_ROLES],
+            )
+            .await?;
+        Ok(RoleInfo {
+            name: row.get(0),
+            superuser: row.get(1),
+            replication: row.get(2),
+            replication_roles: row.get(3),
+        })
+    }
+
+    /// The table, its primary key in key order and its replica identity; `None` when missing.
+    pub async fn table(
+        &self,
+        schema: &str,
+        name: &str,
+    ) -> Result<Option<TableInfo>, tokio_postgres::Error> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT c.oid, c.relkind::text, c.relreplident::text,
+                        coalesce(array(
+                          SELECT a.attname::text
+                          FROM pg_index i
+                          CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, position)
+                          JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
+                          WHERE i.indrelid = c.oid AND i.indisprimary
+                          ORDER BY k.position), '{}')
+                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = $1 AND c.relname = $2",
+                &[&schema, &name],
+            )
+            .await?;
+        Ok(row.map(|row| TableInfo {
+            schema: schema.to_owned(),
+            name: name.to_owned(),
+            oid: row.get(0),
+            kind: first_char(row.get(1)),
+            replica_identity: first_char(row.get(2)),
+            primary_key: row.get(3),
+        }))
+    }
+
+    pub async fn slot(&self, name: &str) -> Result<Option<SlotInfo>, tokio_postgres::Error> {
+        let row = self
+            .client
+            .query_opt(
+                "SELECT slot_name::text, plugin::text, database::text, temporary, active_pid,
+                        confirmed_flush_lsn::text, restart_lsn::text, wal_status
+                 FROM pg_replication_slots WHERE slot_name = $1",
+                &[&name],
+            )
+            .await?;
+        Ok(row.map(|row| SlotInfo {
+            name: row.get(0),
+            plugin: row.get(1),
+            database: row.get(2),
+            temporary: row.get(3),
+            active_pid: row.get(4),
+            confirmed_flush_lsn: row
+                .get::<_, Option<String>>(5)
+                .and_then(|lsn| lsn.parse().ok()),
+            restart_lsn: row
+                .get::<_, Option<String>>(6)
+                .and_then(|lsn| lsn.parse().ok()),
+            wal_status: row.get(7),
+        }))
+    }
+
+    /// The tables a publication publishes, or `None` when it does not exist.
+    pub async fn publication_tables(
+        &self,
+        publication: &str,
+    ) -> Result<Option<Vec<(String, String)>>, tokio_postgres::Error> {
+        let exists = self
+            .client
+            .query_opt(
+                "SELECT 1 FROM pg_publication WHERE pubname = $1",
+                &[&publication],
+            )
+            .await?
+            .is_some();
+        if !exists {
+            return Ok(None);
+        }
+        let rows = self
+            .client
+            .query(
+                "SELECT schemaname::text, tablename::text FROM pg_publication_tables WHERE pubname = $1",
+                &[&publication],
+            )
+            .await?;
+        Ok(Some(
+            rows.iter().map(|row| (row.get(0), row.get(1))).collect(),
+        ))
+    }
+
+    /// Every type that is not built in, as the codec needs to know it.
+    pub async fn custom_types(&self) -> Result<Vec<(u32, TypeKind)>, tokio_postgres::Error> {
+        let rows = self
+            .client
+            .query(
+                "SELECT t.oid, t.typtype::text, t.typbasetype, t.typelem, coalesce(e.typdelim::text, ','),
+                        t.typcategory::text
+                 FROM pg_type t LEFT JOIN pg_type e ON e.oid = t.typelem
+",
+                &[],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| {
+                let oid: u32 = row.get(0);
+                let typtype = first_char(row.get(1));
+                let element: u32 = row.get(3);
+                let category = first_char(row.get(5));
+                let kind = match typtype {
+                    'e' => TypeKind::Enum,
+                    'd' => TypeKind::Domain {
+                        base_oid: row.get(2),
+                    },
+                    'c' => TypeKind::Composite,
+                    'r' | 'm' => TypeKind::Range,
+                    _ if category == 'A' && element != 0 => TypeKind::Array {
+                        element_oid: element,
+                        delimiter: first_char(row.get(4)) as u8,
+                    },
+                    _ => TypeKind::Other,
+                };
+                (oid, kind)
+            })
+            .collect())
+    }
+}
+
+fn first_char(text: String) -> char {
+    text.chars().next().unwrap_or('?')
+}

@@ -1,0 +1,551 @@
+//! The source pipeline: WAL → events → Kafka, and the confirmation loop back to PostgreSQL.
+//!
+//! Start-up checks everything first (and changes nothing when something is wrong), then
+//! applies migrations, reconciles the publication, creates or resumes the slot, creates the
+//! topics and streams. While streaming, two tasks share the connection:
+//! - the reader decodes pgoutput, turns rows into events and hands them to the producer; when
+//!   the producer's bounded queue is full it waits, and so stops reading WAL;
+//! - the status task sends standby status updates on a timer (and when the server asks),
+//!   whatever the reader is doing, with the flush LSN from the [`FlushFrontier`]: only what
+//!   Kafka has acknowledged is ever confirmed (design invariant 3).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tokio::sync::{Notify, watch};
+
+use crate::event::{EventWriter, Op, RowChange, SnapshotMarker, SourceInfo, TableRoute, TxContext};
+use crate::kafka::frontier::{FlushFrontier, TxAcks};
+use crate::kafka::producer::EventProducer;
+use crate::kafka::topics;
+use crate::postgres::catalog::Catalog;
+use crate::postgres::lsn::Lsn;
+use crate::postgres::pgoutput::{self, LogicalMessage, OldTuple, Relations};
+use crate::postgres::replication::frames::{ErrorAction, ReplicationMessage, StatusUpdate};
+use crate::postgres::replication::{
+    ConnectParams, ReplicationClient, ReplicationError, ReplicationStream, SlotSnapshot,
+    StatusSender,
+};
+use crate::postgres::slot::{self, CapturedTable};
+use crate::postgres::types::{Codec, CodecOptions};
+use crate::shell::config::Config;
+
+/// How the source ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceExit {
+    /// Stopped on request with every event acknowledged and confirmed.
+    Drained,
+    /// Stopped on request, but Kafka did not acknowledge everything in time: those changes
+    /// were not confirmed and will be read again on the next start.
+    Undrained,
+}
+
+/// Captured tables by (schema, name): their topic and key column names.
+type RouteTargets = HashMap<(String, String), (Arc<str>, Vec<String>)>;
+
+/// How long a requested stop waits for Kafka to acknowledge what was handed to it.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The connection parameters with the configured password applied.
+pub fn connect_params(config: &Config) -> anyhow::Result<ConnectParams> {
+    let mut params = ConnectParams::from_url(&config.postgres.url)?;
+    if let Some(password) = &config.postgres.password {
+        params.password = Some(password.expose().to_owned());
+    }
+    params.application_name = format!("walsync-{}", config.postgres.slot);
+    Ok(params)
+}
+
+/// Runs the source until `stop` turns true or an error that needs an operator.
+pub async fn run(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result<SourceExit> {
+    let params = connect_params(&config)?;
+    let mut catalog = Catalog::connect(&params).await.with_context(|| {
+        format!(
+            "cannot connect to PostgreSQL at {}:{} as {}",
+            params.host, params.port, params.user
+        )
+    })?;
+
+    let preflight =
+        slot::preflight(&catalog, &config.postgres, &config.tables, &params.dbname).await?;
+    if !preflight.problems.is_empty() {
+        let list: Vec<String> = preflight
+            .problems
+            .iter()
+            .map(|p| format!("  ✗ {p}"))
+            .collect();
+        bail!(
+            "the source cannot start; nothing was changed:\n{}",
+            list.join("\n")
+        );
+    }
+    let tables = preflight.tables;
+    let table_names: Vec<(String, String)> = tables
+        .iter()
+        .map(|t| (t.info.schema.clone(), t.info.name.clone()))
+        .collect();
+    let topic_names = topics::plan_topics(&config.kafka.topic_prefix, &table_names)?;
+
+    let applied = slot::migrate(&mut catalog).await?;
+    if !applied.is_empty() {
+        tracing::info!(?applied, "applied migrations");
+    }
+    slot::reconcile_publication(&catalog, &config.postgres.publication, &tables, config.postgres.prune_publication)
+        .await
+        .context("cannot create or update the publication (walsync's role must own the tables, or be superuser)")?;
+    topics::ensure_topics(&config.kafka, &topic_names).await?;
+
+    let mut codec = Codec::new(CodecOptions::default());
+    for (oid, kind) in catalog.custom_types().await? {
+        codec.register(oid, kind);
+    }
+    let producer = Arc::new(EventProducer::new(&config.kafka)?);
+    let routes_by_name: RouteTargets = tables
+        .iter()
+        .zip(&topic_names)
+        .map(|(table, topic)| {
+            (
+                (table.info.schema.clone(), table.info.name.clone()),
+                (Arc::from(topic.as_str()), table.key_columns.clone()),
+            )
+        })
+        .collect();
+
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let attempt = stream_once(
+            &config,
+            &params,
+            &catalog,
+            &tables,
+            &codec,
+            &producer,
+            &routes_by_name,
+            &mut stop,
+        )
+        .await;
+        match attempt {
+            Ok(exit) => return Ok(exit),
+            Err(error) => {
+                let retryable = error
+                    .downcast_ref::<ReplicationError>()
+                    .is_some_and(|e| e.action() == ErrorAction::Retry);
+                if !retryable || *stop.borrow() {
+                    return Err(error);
+                }
+                tracing::warn!(error = %format!("{error:#}"), ?backoff, "replication interrupted; waiting for Kafka, then resuming from the confirmed LSN");
+                let producer = Arc::clone(&producer);
+                tokio::task::spawn_blocking(move || producer.flush(DRAIN_TIMEOUT)).await??;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn stream_once(
+    config: &Config,
+    params: &ConnectParams,
+    catalog: &Catalog,
+    tables: &[CapturedTable],
+    codec: &Codec,
+    producer: &Arc<EventProducer>,
+    routes_by_name: &RouteTargets,
+    stop: &mut watch::Receiver<bool>,
+) -> anyhow::Result<SourceExit> {
+    let mut client = ReplicationClient::connect(params).await?;
+    let identity = client.identify_system().await?;
+    let slot_name = &config.postgres.slot;
+    let start = match catalog.slot(slot_name).await? {
+        Some(slot) => slot.confirmed_flush_lsn.unwrap_or(Lsn::ZERO),
+        None => {
+            let created = client
+                .create_logical_slot(slot_name, false, SlotSnapshot::NoExport)
+                .await?;
+            tracing::info!(slot = %slot_name, consistent_point = %created.consistent_point, "created replication slot");
+            created.consistent_point
+        }
+    };
+    slot::record_slot(catalog, slot_name, &identity.system_id, &params.dbname).await?;
+    tracing::info!(
+        slot = %slot_name, %start, system_id = %identity.system_id, timeline = identity.timeline,
+        tables = tables.len(), "streaming"
+    );
+
+    let (stream, status) = client
+        .start_replication(slot_name, start, &config.postgres.publication)
+        .await?;
+    let shared = Arc::new(SharedProgress {
+        frontier: Mutex::new(FlushFrontier::new(start)),
+        received: AtomicU64::new(start.as_u64()),
+        reply_now: Notify::new(),
+    });
+    let status_task = tokio::spawn(send_status(
+        status,
+        Arc::clone(&shared),
+        Duration::from_millis(config.postgres.status_interval_ms.max(10)),
+    ));
+    let heartbeat_task = spawn_heartbeat(config, params.clone());
+
+    let writer = EventWriter::new(
+        Arc::new(codec.clone()),
+        Arc::new(SourceInfo {
+            name: config.kafka.topic_prefix.clone(),
+            database: params.dbname.clone(),
+            system_id: identity.system_id.clone(),
+            timeline: identity.timeline,
+        }),
+    );
+    let mut reader = Reader {
+        stream,
+        writer,
+        producer: Arc::clone(producer),
+        shared: Arc::clone(&shared),
+        relations: Relations::new(),
+        routes: HashMap::new(),
+        routes_by_name,
+        tx: None,
+        tombstones: config.kafka.tombstones,
+    };
+    let outcome = reader.run(stop).await;
+    if let Some(task) = heartbeat_task {
+        task.abort();
+    }
+
+    // Stop (requested or not): let Kafka acknowledge what it has, then confirm exactly that.
+    let drain_producer = Arc::clone(producer);
+    let drained = tokio::task::spawn_blocking(move || drain_producer.flush(DRAIN_TIMEOUT)).await?;
+    shared.reply_now.notify_one();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    status_task.abort();
+    let _ = status_task.await;
+    outcome?;
+    let confirmed = shared
+        .frontier
+        .lock()
+        .map(|mut f| f.confirmable())
+        .unwrap_or(Lsn::ZERO);
+    tracing::info!(%confirmed, "source stopped");
+    Ok(match drained {
+        Ok(()) => SourceExit::Drained,
+        Err(error) => {
+            tracing::warn!(%error, "stopped before Kafka acknowledged everything; the rest is re-read on the next start");
+            SourceExit::Undrained
+        }
+    })
+}
+
+/// Progress shared between the reader and the status task.
+struct SharedProgress {
+    frontier: Mutex<FlushFrontier>,
+    /// The newest WAL position received (the status update's `written`).
+    received: AtomicU64,
+    reply_now: Notify,
+}
+
+impl SharedProgress {
+    /// The next status update. With nothing in flight it asks the server for a keepalive, whose
+    /// WAL position can then be confirmed: that keeps an idle publication's slot moving on a
+    /// busy server.
+    fn status(&self) -> StatusUpdate {
+        let (flushed, idle) = match self.frontier.lock() {
+            Ok(mut frontier) => (
+                frontier.confirmable(),
+                frontier.in_flight_transactions() == 0,
+            ),
+            Err(_) => (Lsn::ZERO, false),
+        };
+        let received = Lsn(self.received.load(Ordering::Acquire)).max(flushed);
+        StatusUpdate {
+            written: received,
+            flushed,
+            applied: flushed,
+            reply_requested: idle,
+        }
+    }
+}
+
+/// Sends status updates on a timer and on request, independently of the reader.
+async fn send_status(mut sender: StatusSender, shared: Arc<SharedProgress>, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = shared.reply_now.notified() => {}
+        }
+        if let Err(error) = sender.send(shared.status()).await {
+            tracing::debug!(%error, "status update not sent; the reader will see the connection drop");
+            return;
+        }
+    }
+}
+
+fn spawn_heartbeat(config: &Config, params: ConnectParams) -> Option<tokio::task::JoinHandle<()>> {
+    let interval = config.postgres.heartbeat_interval_secs;
+    if interval == 0 {
+        return None;
+    }
+    let slot_name = config.postgres.slot.clone();
+    Some(tokio::spawn(async move {
+        let mut catalog = None;
+        let mut ticker = tokio::time::interval(Duration::from_secs(interval));
+        loop {
+            ticker.tick().await;
+            if catalog.is_none() {
+                catalog = Catalog::connect(&params).await.ok();
+            }
+            if let Some(connected) = &catalog
+                && let Err(error) = slot::heartbeat(connected, &slot_name).await
+            {
+                tracing::warn!(%error, "heartbeat failed");
+                catalog = None;
+            }
+        }
+    }))
+}
+
+/// The open transaction: its context and its acknowledgement counter.
+struct OpenTx {
+    context: TxContext,
+    acks: Arc<TxAcks>,
+}
+
+struct Reader<'a> {
+    stream: ReplicationStream,
+    writer: EventWriter,
+    producer: Arc<EventProducer>,
+    shared: Arc<SharedProgress>,
+    relations: Relations,
+    /// Routes of captured relations, by OID, as of the Relation message in force.
+    routes: HashMap<u32, TableRoute>,
+    routes_by_name: &'a RouteTargets,
+    tx: Option<OpenTx>,
+    tombstones: bool,
+}
+
+impl Reader<'_> {
+    async fn run(&mut self, stop: &mut watch::Receiver<bool>) -> anyhow::Result<()> {
+        loop {
+            if let Some(reason) = self.producer.refused() {
+                bail!("Kafka refused an event: {reason}");
+            }
+            let message = tokio::select! {
+                biased;
+                _ = stop.changed() => return Ok(()),
+                message = self.stream.next() => message?,
+            };
+            match message {
+                ReplicationMessage::XLogData {
+                    wal_start, data, ..
+                } => {
+                    self.shared
+                        .received
+                        .fetch_max(wal_start.as_u64(), Ordering::AcqRel);
+                    let decoded =
+                        pgoutput::decode(data).context("cannot decode a pgoutput message")?;
+                    self.apply(wal_start, decoded).await?;
+                }
+                ReplicationMessage::Keepalive {
+                    wal_end,
+                    reply_requested,
+                } => {
+                    if let Ok(mut frontier) = self.shared.frontier.lock() {
+                        frontier.observe_keepalive(wal_end);
+                    }
+                    if reply_requested {
+                        self.shared.reply_now.notify_one();
+                    }
+                }
+            }
+        }
+    }
+
+    async fn apply(&mut self, lsn: Lsn, message: LogicalMessage) -> anyhow::Result<()> {
+        match message {
+            LogicalMessage::Begin(begin) => {
+                let acks = self
+                    .shared
+                    .frontier
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("frontier lock poisoned"))?
+                    .begin();
+                self.tx = Some(OpenTx {
+                    context: TxContext {
+                        xid: begin.xid,
+                        commit_lsn: begin.final_lsn,
+                        commit_time_millis: pgoutput::pg_epoch_micros_to_unix_millis(
+                            begin.commit_time_micros,
+                        ),
+                    },
+                    acks,
+                });
+            }
+            LogicalMessage::Commit(commit) => {
+                self.tx = None;
+                self.shared
+                    .frontier
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("frontier lock poisoned"))?
+                    .commit(commit.end_lsn)?;
+            }
+            LogicalMessage::Relation(relation) => {
+                let key = (relation.namespace.clone(), relation.name.clone());
+                let relation = self.relations.apply(relation);
+                match self.routes_by_name.get(&key) {
+                    Some((topic, key_names)) => {
+                        let route = TableRoute::new(relation, Arc::clone(topic), key_names)?;
+                        self.routes.insert(route.relation.oid, route);
+                    }
+                    None => {
+                        tracing::warn!(table = %format!("{}.{}", key.0, key.1), "published but not configured: its changes are ignored");
+                    }
+                }
+            }
+            LogicalMessage::Insert(insert) => {
+                self.relations.resolve(insert.relation_oid, &insert.new)?;
+                let Some(route) = self.routes.get(&insert.relation_oid) else {
+                    return Ok(());
+                };
+                let change = RowChange {
+                    op: Op::Create,
+                    before: None,
+                    before_is_key_only: false,
+                    after: Some(&insert.new.0),
+                    fill_from: None,
+                    key_row: &insert.new.0,
+                    lsn,
+                    snapshot: SnapshotMarker::False,
+                };
+                let record = self
+                    .writer
+                    .row_event(route, &change, &self.open_tx()?.context)?;
+                self.send(record).await?;
+            }
+            LogicalMessage::Update(update) => {
+                self.relations.resolve(update.relation_oid, &update.new)?;
+                let Some(route) = self.routes.get(&update.relation_oid) else {
+                    return Ok(());
+                };
+                let route = route.clone();
+                self.apply_update(&route, lsn, update).await?;
+            }
+            LogicalMessage::Delete(delete) => {
+                self.relations
+                    .resolve(delete.relation_oid, delete.old.tuple())?;
+                let Some(route) = self.routes.get(&delete.relation_oid) else {
+                    return Ok(());
+                };
+                let route = route.clone();
+                self.send_delete(&route, lsn, &delete.old).await?;
+            }
+            LogicalMessage::Truncate(truncate) => {
+                for oid in truncate.relation_oids {
+                    let Some(route) = self.routes.get(&oid) else {
+                        continue;
+                    };
+                    let record = self
+                        .writer
+                        .truncate_event(route, lsn, &self.open_tx()?.context);
+                    self.send(record).await?;
+                }
+            }
+            LogicalMessage::Type(_) | LogicalMessage::Origin(_) | LogicalMessage::Message(_) => {}
+        }
+        Ok(())
+    }
+
+    /// An update; a changed key becomes a delete of the old key and a create of the new one.
+    async fn apply_update(
+        &mut self,
+        route: &TableRoute,
+        lsn: Lsn,
+        update: pgoutput::Update,
+    ) -> anyhow::Result<()> {
+        let new = &update.new.0;
+        let full_old = match &update.old {
+            Some(OldTuple::Full(old)) => Some(&old.0[..]),
+            _ => None,
+        };
+        if let Some(old) = &update.old {
+            let old_key = self.writer.key(route, &old.tuple().0)?;
+            let new_key = self.writer.key(route, new)?;
+            if old_key != new_key {
+                self.send_delete(route, lsn, old).await?;
+                let change = RowChange {
+                    op: Op::Create,
+                    before: None,
+                    before_is_key_only: false,
+                    after: Some(new),
+                    fill_from: full_old,
+                    key_row: new,
+                    lsn,
+                    snapshot: SnapshotMarker::False,
+                };
+                let record = self
+                    .writer
+                    .row_event(route, &change, &self.open_tx()?.context)?;
+                return self.send(record).await;
+            }
+        }
+        let change = RowChange {
+            op: Op::Update,
+            before: update.old.as_ref().map(|old| &old.tuple().0[..]),
+            before_is_key_only: matches!(update.old, Some(OldTuple::Key(_))),
+            after: Some(new),
+            fill_from: full_old,
+            key_row: new,
+            lsn,
+            snapshot: SnapshotMarker::False,
+        };
+        let record = self
+            .writer
+            .row_event(route, &change, &self.open_tx()?.context)?;
+        self.send(record).await
+    }
+
+    async fn send_delete(
+        &mut self,
+        route: &TableRoute,
+        lsn: Lsn,
+        old: &OldTuple,
+    ) -> anyhow::Result<()> {
+        let change = RowChange {
+            op: Op::Delete,
+            before: Some(&old.tuple().0),
+            before_is_key_only: matches!(old, OldTuple::Key(_)),
+            after: None,
+            fill_from: None,
+            key_row: &old.tuple().0,
+            lsn,
+            snapshot: SnapshotMarker::False,
+        };
+        let record = self
+            .writer
+            .row_event(route, &change, &self.open_tx()?.context)?;
+        let tombstone = self.tombstones.then(|| self.writer.tombstone(&record));
+        self.send(record).await?;
+        if let Some(tombstone) = tombstone {
+            self.send(tombstone).await?;
+        }
+        Ok(())
+    }
+
+    async fn send(&mut self, record: crate::event::Record) -> anyhow::Result<()> {
+        let acks = Arc::clone(&self.open_tx()?.acks);
+        self.producer.send(&record, &acks).await?;
+        Ok(())
+    }
+
+    fn open_tx(&self) -> anyhow::Result<&OpenTx> {
+        self.tx.as_ref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "a row change arrived outside a transaction: the replication stream is out of order"
+            )
+        })
+    }
+}

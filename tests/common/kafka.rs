@@ -1,0 +1,93 @@
+//! Reading topics back in tests.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Headers;
+use rdkafka::{ClientConfig, Message};
+use serde_json::Value;
+
+use super::{stack, unique_name};
+
+/// One record as a test sees it.
+#[derive(Debug, Clone)]
+pub struct Consumed {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Value,
+    /// `None` for a tombstone.
+    pub value: Option<Value>,
+    pub headers: HashMap<String, String>,
+}
+
+impl Consumed {
+    pub fn op(&self) -> Option<&str> {
+        self.value.as_ref()?.get("op")?.as_str()
+    }
+
+    pub fn commit_lsn(&self) -> u64 {
+        self.value
+            .as_ref()
+            .and_then(|v| v["source"]["commit_lsn"].as_u64())
+            .unwrap_or_else(|| {
+                self.headers["commit_lsn"]
+                    .parse()
+                    .expect("commit_lsn header")
+            })
+    }
+}
+
+/// Reads `topic` from the beginning until at least `count` records arrived, or panics after
+/// `deadline`. Records come back sorted by (partition, offset).
+pub async fn read_topic(topic: &str, count: usize, deadline: Duration) -> Vec<Consumed> {
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &stack().kafka_brokers)
+        .set("group.id", unique_name("walsync-test-reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("create the test consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let mut records = Vec::new();
+    let end = tokio::time::Instant::now() + deadline;
+    while records.len() < count {
+        let message = tokio::time::timeout_at(end, consumer.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "only {} of {count} records arrived on {topic}: {records:#?}",
+                    records.len()
+                )
+            })
+            .expect("consume");
+        let key = serde_json::from_slice(message.key().expect("every record has a key"))
+            .expect("the key is JSON");
+        let value = message
+            .payload()
+            .map(|payload| serde_json::from_slice(payload).expect("the value is JSON"));
+        let headers = message
+            .headers()
+            .map(|headers| {
+                headers
+                    .iter()
+                    .map(|h| {
+                        (
+                            h.key.to_owned(),
+                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        records.push(Consumed {
+            partition: message.partition(),
+            offset: message.offset(),
+            key,
+            value,
+            headers,
+        });
+    }
+    records.sort_by_key(|r| (r.partition, r.offset));
+    records
+}

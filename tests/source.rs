@@ -1,0 +1,291 @@
+//! The source against the real stack: PostgreSQL changes arrive in Kafka as events with the
+//! right topic, key, op, images and versions, and bad setups stop with the fix and change
+//! nothing.
+
+mod common;
+
+use std::time::Duration;
+
+use common::kafka::{Consumed, read_topic};
+use common::{stack, unique_name, wait_for};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use walsync::shell::config::Config;
+use walsync::source::{self, SourceExit};
+
+async fn sql() -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(&stack().pg_url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to PostgreSQL");
+    tokio::spawn(connection);
+    client
+}
+
+/// A source configuration of its own: slot, publication and topics no other test touches.
+fn config_for(name: &str, tables: &[&str]) -> Config {
+    let mut config = Config::default();
+    config.postgres.url = stack().pg_url.clone();
+    config.postgres.slot = name.to_owned();
+    config.postgres.publication = format!("{name}_pub");
+    config.postgres.tables = tables.iter().map(|t| t.to_string()).collect();
+    config.postgres.heartbeat_interval_secs = 0;
+    config.postgres.status_interval_ms = 200;
+    config.kafka.brokers = stack().kafka_brokers.clone();
+    config.kafka.topic_prefix = name.to_owned();
+    config
+}
+
+fn name(prefix: &str) -> String {
+    unique_name(prefix).replace('-', "_")
+}
+
+struct RunningSource {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<anyhow::Result<SourceExit>>,
+}
+
+impl RunningSource {
+    async fn start(config: Config) -> Self {
+        let slot = config.postgres.slot.clone();
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(source::run(config, stopped));
+        let client = sql().await;
+        wait_for(
+            "the source to stream from its slot",
+            Duration::from_secs(60),
+            || async {
+                let row = client
+                    .query_opt(
+                        "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
+                        &[&slot],
+                    )
+                    .await
+                    .ok()?;
+                row.map(|_| ())
+            },
+        )
+        .await;
+        Self { stop, task }
+    }
+
+    async fn stop(self) -> SourceExit {
+        self.stop.send(true).expect("the source listens");
+        tokio::time::timeout(Duration::from_secs(60), self.task)
+            .await
+            .expect("the source stops within 60 s")
+            .expect("the source task did not panic")
+            .expect("the source stopped without error")
+    }
+}
+
+async fn drop_slot(slot: &str) {
+    let client = sql().await;
+    let _ = client
+        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
+        .await;
+}
+
+fn value(record: &Consumed) -> &Value {
+    record.value.as_ref().expect("not a tombstone")
+}
+
+#[tokio::test]
+async fn changes_to_a_composite_key_table_arrive_with_key_op_images_and_versions() {
+    let name = name("src_events");
+    let table = format!("public.{name}");
+    let client = sql().await;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (shop int, sku text, price numeric, note text, PRIMARY KEY (shop, sku))"
+        ))
+        .await
+        .expect("create table");
+    let source = RunningSource::start(config_for(&name, &[&table])).await;
+
+    // One transaction per statement (a multi-statement simple query would be one transaction).
+    for statement in [
+        format!("INSERT INTO {table} VALUES (1, 'a', 10.50, 'first'), (1, 'b', 20, NULL)"),
+        format!("UPDATE {table} SET price = 11.00 WHERE shop = 1 AND sku = 'a'"),
+        format!("DELETE FROM {table} WHERE shop = 1 AND sku = 'b'"),
+        format!("UPDATE {table} SET sku = 'a2' WHERE shop = 1 AND sku = 'a'"),
+        format!("TRUNCATE {table}"),
+    ] {
+        client
+            .batch_execute(&statement)
+            .await
+            .expect("write the workload");
+    }
+
+    // 2 inserts, 1 update, delete + tombstone, key change (delete + tombstone + create), truncate.
+    let topic = format!("{name}.public.{name}");
+    let records = read_topic(&topic, 9, Duration::from_secs(60)).await;
+    assert_eq!(records.len(), 9, "{records:#?}");
+    assert!(source.stop().await == SourceExit::Drained);
+
+    // Per key, offsets follow commit order: every key's records sit in one partition.
+    let mut by_key: std::collections::BTreeMap<String, Vec<&Consumed>> = Default::default();
+    for record in &records {
+        by_key
+            .entry(record.key.to_string())
+            .or_default()
+            .push(record);
+    }
+    for (key, events) in &by_key {
+        let partitions: std::collections::HashSet<_> = events.iter().map(|r| r.partition).collect();
+        assert_eq!(partitions.len(), 1, "key {key} spans partitions");
+        let versions: Vec<u64> = events.iter().map(|r| r.commit_lsn()).collect();
+        assert!(
+            versions.windows(2).all(|w| w[0] <= w[1]),
+            "key {key}: {versions:?}"
+        );
+    }
+
+    let key_a = json!({"shop": 1, "sku": "a"});
+    let key_b = json!({"shop": 1, "sku": "b"});
+    let key_a2 = json!({"shop": 1, "sku": "a2"});
+    let of = |key: &Value| -> Vec<&Consumed> { records.iter().filter(|r| &r.key == key).collect() };
+
+    let a = of(&key_a);
+    let ops: Vec<_> = a.iter().map(|r| r.op()).collect();
+    assert_eq!(
+        ops,
+        [Some("c"), Some("u"), Some("d"), None],
+        "insert, update, key change away, tombstone"
+    );
+    assert_eq!(
+        value(a[0])["after"],
+        json!({"shop": 1, "sku": "a", "price": "10.50", "note": "first"})
+    );
+    assert_eq!(value(a[0])["before"], Value::Null);
+    assert_eq!(value(a[1])["after"]["price"], "11.00");
+    assert_eq!(
+        value(a[2])["before"],
+        json!({"shop": 1, "sku": "a"}),
+        "key-only old tuple"
+    );
+    assert_eq!(value(a[2])["after"], Value::Null);
+
+    let b = of(&key_b);
+    assert_eq!(
+        b.iter().map(|r| r.op()).collect::<Vec<_>>(),
+        [Some("c"), Some("d"), None]
+    );
+    assert_eq!(value(b[0])["after"]["note"], Value::Null);
+
+    let a2 = of(&key_a2);
+    assert_eq!(a2.len(), 1);
+    assert_eq!(value(a2[0])["op"], "c");
+    assert_eq!(
+        value(a2[0])["after"],
+        json!({"shop": 1, "sku": "a2", "price": "11.00", "note": "first"})
+    );
+    assert_eq!(
+        a2[0].commit_lsn(),
+        a[2].commit_lsn(),
+        "the delete and the create of a key change share their transaction's version"
+    );
+
+    let truncate = of(&json!({}));
+    assert_eq!(truncate.len(), 1);
+    assert_eq!(value(truncate[0])["op"], "t");
+
+    // The two inserts of the first transaction share commit LSN and txId; later ones are newer.
+    let first_tx = [a[0], b[0]];
+    assert_eq!(first_tx[0].commit_lsn(), first_tx[1].commit_lsn());
+    assert_eq!(
+        value(first_tx[0])["source"]["txId"],
+        value(first_tx[1])["source"]["txId"]
+    );
+    assert!(a[1].commit_lsn() > a[0].commit_lsn());
+    assert!(truncate[0].commit_lsn() > a2[0].commit_lsn());
+    for record in records.iter().filter(|r| r.value.is_some()) {
+        let source = &value(record)["source"];
+        assert_eq!(source["connector"], "walsync");
+        assert_eq!(source["table"], name.as_str());
+        assert!(source["lsn"].as_u64().unwrap() <= source["commit_lsn"].as_u64().unwrap());
+        assert_eq!(
+            record.headers["commit_lsn"],
+            source["commit_lsn"].to_string()
+        );
+        assert_eq!(record.headers["op"], value(record)["op"].as_str().unwrap());
+    }
+
+    drop_slot(&name).await;
+}
+
+#[tokio::test]
+async fn a_table_without_primary_key_stops_the_source_with_the_fix_and_changes_nothing() {
+    let name = name("src_nopk");
+    let table = format!("public.{name}");
+    let client = sql().await;
+    client
+        .batch_execute(&format!("CREATE TABLE {table} (id int, note text)"))
+        .await
+        .expect("create table");
+    let (_stop, stopped) = watch::channel(false);
+    let error = source::run(
+        config_for(&name, &[&table, "public.does_not_exist"]),
+        stopped,
+    )
+    .await
+    .expect_err("the source must refuse");
+    let message = format!("{error:#}");
+    assert!(message.contains("REPLICA IDENTITY FULL"), "{message}");
+    assert!(
+        message.contains("public.does_not_exist does not exist"),
+        "{message}"
+    );
+
+    let publication: Option<tokio_postgres::Row> = client
+        .query_opt(
+            "SELECT 1 FROM pg_publication WHERE pubname = $1",
+            &[&format!("{name}_pub")],
+        )
+        .await
+        .unwrap();
+    assert!(publication.is_none(), "no publication was created");
+    let slot = client
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&name],
+        )
+        .await
+        .unwrap();
+    assert!(slot.is_none(), "no slot was created");
+}
+
+#[tokio::test]
+async fn a_slot_dropped_under_walsync_is_not_silently_recreated() {
+    let name = name("src_lost");
+    let table = format!("public.{name}");
+    let client = sql().await;
+    client
+        .batch_execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY)"))
+        .await
+        .expect("create table");
+    let config = config_for(&name, &[&table]);
+    let source = RunningSource::start(config.clone()).await;
+    assert_eq!(source.stop().await, SourceExit::Drained);
+    drop_slot(&name).await;
+
+    let (_stop, stopped) = watch::channel(false);
+    let error = source::run(config.clone(), stopped)
+        .await
+        .expect_err("a lost slot must stop the source");
+    let message = format!("{error:#}");
+    assert!(message.contains("recreate_lost_slot"), "{message}");
+    let slot = client
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&name],
+        )
+        .await
+        .unwrap();
+    assert!(slot.is_none(), "the slot was not recreated");
+
+    let mut opted_in = config;
+    opted_in.postgres.recreate_lost_slot = true;
+    let source = RunningSource::start(opted_in).await;
+    assert_eq!(source.stop().await, SourceExit::Drained);
+    drop_slot(&name).await;
+}
