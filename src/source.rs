@@ -31,7 +31,7 @@ use crate::postgres::replication::{
 };
 use crate::postgres::slot::{self, CapturedTable};
 use crate::postgres::types::{Codec, CodecOptions};
-use crate::shell::config::Config;
+use crate::shell::config::{Config, SslMode};
 
 /// How the source ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,11 +49,22 @@ type RouteTargets = HashMap<(String, String), (Arc<str>, Vec<String>)>;
 /// How long a requested stop waits for Kafka to acknowledge what was handed to it.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The connection parameters with the configured password applied.
+/// The connection parameters with the configured password and TLS settings applied.
+///
+/// TLS: the URL's `sslmode` and `sslrootcert` come first; `[postgres.tls]` overrides them
+/// where it is set: `mode` when it is not the default (`prefer`), `ca_file` whenever present.
+/// So `mode = "prefer"` in the file cannot weaken a URL's `sslmode=verify-full`.
 pub fn connect_params(config: &Config) -> anyhow::Result<ConnectParams> {
     let mut params = ConnectParams::from_url(&config.postgres.url)?;
     if let Some(password) = &config.postgres.password {
         params.password = Some(password.expose().to_owned());
+    }
+    let tls = &config.postgres.tls;
+    if tls.mode != SslMode::default() {
+        params.ssl_mode = tls.mode;
+    }
+    if let Some(ca_file) = &tls.ca_file {
+        params.ca_file = Some(ca_file.clone());
     }
     params.application_name = format!("walsync-{}", config.postgres.slot);
     Ok(params)
@@ -547,5 +558,54 @@ impl Reader<'_> {
                 "a row change arrived outside a transaction: the replication stream is out of order"
             )
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+
+    fn config(url: &str) -> Config {
+        let mut config = Config::default();
+        config.postgres.url = url.into();
+        config
+    }
+
+    #[test]
+    fn the_urls_tls_settings_apply_when_the_file_leaves_the_defaults() {
+        let params = connect_params(&config(
+            "postgres://u@db/app?sslmode=verify-full&sslrootcert=/url-ca.pem",
+        ))
+        .expect("valid");
+        assert_eq!(params.ssl_mode, SslMode::VerifyFull);
+        assert_eq!(params.ca_file, Some(PathBuf::from("/url-ca.pem")));
+    }
+
+    #[test]
+    fn postgres_tls_overrides_the_url_where_it_is_set() {
+        let mut config = config("postgres://u@db/app?sslmode=require&sslrootcert=/url-ca.pem");
+        config.postgres.tls.mode = SslMode::VerifyCa;
+        config.postgres.tls.ca_file = Some("/file-ca.pem".into());
+        let params = connect_params(&config).expect("valid");
+        assert_eq!(params.ssl_mode, SslMode::VerifyCa);
+        assert_eq!(params.ca_file, Some(PathBuf::from("/file-ca.pem")));
+
+        let mut config = self::config("postgres://u@db/app?sslmode=disable");
+        config.postgres.tls.ca_file = Some("/file-ca.pem".into());
+        let params = connect_params(&config).expect("valid");
+        assert_eq!(
+            params.ssl_mode,
+            SslMode::Disable,
+            "the default mode keeps the URL's"
+        );
+    }
+
+    #[test]
+    fn without_any_tls_setting_the_mode_is_prefer() {
+        let params = connect_params(&config("postgres://u@db/app")).expect("valid");
+        assert_eq!(params.ssl_mode, SslMode::Prefer);
+        assert_eq!(params.ca_file, None);
     }
 }

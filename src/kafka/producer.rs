@@ -84,6 +84,7 @@ fn producer_config(config: &KafkaConfig) -> Result<ClientConfig, ProducerError> 
     for (key, value) in client_config(config)?.config_map() {
         client.set(key.to_string(), value.to_string());
     }
+    client.set_log_level(RDKafkaLogLevel::Warning);
     Ok(client)
 }
 

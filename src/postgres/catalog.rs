@@ -2,11 +2,18 @@
 //! the replication stream — server settings, privileges, tables and keys, slots, publications,
 //! types, walsync's own tables. It pins the same session settings as the replication
 //! connection, so values read here render as streamed values do.
+//!
+//! TLS follows the same `sslmode` rules as the replication client (see
+//! `postgres::replication::tls`): tokio-postgres only knows disable/prefer/require, so the
+//! verify-* modes run as `require` with the certificate checks in the rustls configuration.
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{Client, NoTls, Socket};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::postgres::lsn::Lsn;
-use crate::postgres::replication::ConnectParams;
+use crate::postgres::replication::tls::{self, SslMode, TlsError};
+use crate::postgres::replication::{ConnectParams, connection_hint};
 use crate::postgres::types::{SESSION_SETTINGS, TypeKind};
 
 /// What the catalog says about one captured table.
@@ -62,12 +69,60 @@ const MANAGED_REPLICATION_ROLES: &[&str] = &[
     "alloydbsuperuser",
 ];
 
+/// Why the metadata connection could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("{}", describe(.0))]
+    Postgres(tokio_postgres::Error),
+}
+
+impl ConnectError {
+    /// The server's SQLSTATE when the server refused the connection (`28P01`, …).
+    pub fn code(&self) -> Option<&str> {
+        match self {
+            Self::Postgres(error) => error.code().map(|code| code.code()),
+            Self::Tls(_) => None,
+        }
+    }
+}
+
+/// tokio-postgres's `Display` leaves out the cause: put the server's words and a hint in.
+fn describe(error: &tokio_postgres::Error) -> String {
+    if let Some(db) = error.as_db_error() {
+        let mut text = format!(
+            "PostgreSQL refused the metadata connection: {} {}: {}",
+            db.severity(),
+            db.code().code(),
+            db.message()
+        );
+        if let Some(detail) = db.detail() {
+            text.push_str(&format!(" (detail: {detail})"));
+        }
+        if let Some(hint) = db.hint() {
+            text.push_str(&format!(" (hint: {hint})"));
+        }
+        text.push_str(connection_hint(db.code().code()));
+        return text;
+    }
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
 pub struct Catalog {
     client: Client,
 }
 
 impl Catalog {
-    pub async fn connect(params: &ConnectParams) -> Result<Self, tokio_postgres::Error> {
+    /// Opens the metadata connection, with TLS as `params.ssl_mode` says.
+    pub async fn connect(params: &ConnectParams) -> Result<Self, ConnectError> {
         let mut config = tokio_postgres::Config::new();
         config
             .host(&params.host)
@@ -83,12 +138,28 @@ impl Catalog {
             .map(|(name, value)| format!("-c {name}={value} "))
             .collect();
         config.options(options.trim_end());
-        let (client, connection) = config.connect(NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::warn!(%error, "metadata connection closed");
+        config.ssl_mode(match params.ssl_mode {
+            SslMode::Disable => tokio_postgres::config::SslMode::Disable,
+            SslMode::Prefer => tokio_postgres::config::SslMode::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => {
+                tokio_postgres::config::SslMode::Require
             }
         });
+        let opened = match tls::client_config(params.ssl_mode, params.ca_file.as_deref())? {
+            None => open(&config, NoTls).await,
+            Some(tls_config) => open(&config, MakeRustlsConnect::new(tls_config)).await,
+        };
+        let client = opened.map_err(|error| {
+            match tls::find_failure(
+                &error,
+                &params.host,
+                params.ssl_mode,
+                params.ca_file.as_deref(),
+            ) {
+                Some(failure) => ConnectError::Tls(failure),
+                None => ConnectError::Postgres(error),
+            }
+        })?;
         Ok(Self { client })
     }
 
@@ -257,6 +328,21 @@ impl Catalog {
             })
             .collect())
     }
+}
+
+/// Connects and drives the connection in a task of its own.
+async fn open<T>(config: &tokio_postgres::Config, tls: T) -> Result<Client, tokio_postgres::Error>
+where
+    T: MakeTlsConnect<Socket>,
+    T::Stream: Send + 'static,
+{
+    let (client, connection) = config.connect(tls).await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::warn!(%error, "metadata connection closed");
+        }
+    });
+    Ok(client)
 }
 
 fn first_char(text: String) -> char {

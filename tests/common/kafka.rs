@@ -41,6 +41,23 @@ impl Consumed {
 /// Reads `topic` from the beginning until at least `count` records arrived, or panics after
 /// `deadline`. Records come back sorted by (partition, offset).
 pub async fn read_topic(topic: &str, count: usize, deadline: Duration) -> Vec<Consumed> {
+    let mut records = Vec::new();
+    read_topic_until(topic, deadline, |record| {
+        records.push(record);
+        records.len() >= count
+    })
+    .await;
+    records.sort_by_key(|r| (r.partition, r.offset));
+    records
+}
+
+/// Reads `topic` from the beginning, handing each record to `visit` until it returns true;
+/// panics after `deadline`.
+pub async fn read_topic_until(
+    topic: &str,
+    deadline: Duration,
+    mut visit: impl FnMut(Consumed) -> bool,
+) {
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &stack().kafka_brokers)
         .set("group.id", unique_name("walsync-test-reader"))
@@ -49,18 +66,14 @@ pub async fn read_topic(topic: &str, count: usize, deadline: Duration) -> Vec<Co
         .create()
         .expect("create the test consumer");
     consumer.subscribe(&[topic]).expect("subscribe");
-    let mut records = Vec::new();
     let end = tokio::time::Instant::now() + deadline;
-    while records.len() < count {
+    let mut seen = 0_usize;
+    loop {
         let message = tokio::time::timeout_at(end, consumer.recv())
             .await
-            .unwrap_or_else(|_| {
-                panic!(
-                    "only {} of {count} records arrived on {topic}: {records:#?}",
-                    records.len()
-                )
-            })
+            .unwrap_or_else(|_| panic!("{topic}: the condition did not hold after {seen} records"))
             .expect("consume");
+        seen += 1;
         let key = serde_json::from_slice(message.key().expect("every record has a key"))
             .expect("the key is JSON");
         let value = message
@@ -80,14 +93,38 @@ pub async fn read_topic(topic: &str, count: usize, deadline: Duration) -> Vec<Co
                     .collect()
             })
             .unwrap_or_default();
-        records.push(Consumed {
+        let record = Consumed {
             partition: message.partition(),
             offset: message.offset(),
             key,
             value,
             headers,
-        });
+        };
+        if visit(record) {
+            return;
+        }
     }
-    records.sort_by_key(|r| (r.partition, r.offset));
-    records
+}
+
+/// The number of records ever written to `topic` (the sum of its partitions' high
+/// watermarks).
+pub fn topic_size(topic: &str) -> i64 {
+    use rdkafka::consumer::BaseConsumer;
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &stack().kafka_brokers)
+        .create()
+        .expect("create a metadata consumer");
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("topic metadata");
+    metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|partition| {
+            consumer
+                .fetch_watermarks(topic, partition.id(), Duration::from_secs(10))
+                .expect("watermarks")
+                .1
+        })
+        .sum()
 }

@@ -4,6 +4,7 @@
 
 pub mod kafka;
 pub mod literals;
+pub mod process;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -15,6 +16,10 @@ use std::time::{Duration, Instant};
 /// (written by `scripts/stack up`).
 pub struct Stack {
     pub pg_url: String,
+    /// The superuser over the local socket, for what walsync's own role may not see or do.
+    pub pg_admin_url: String,
+    /// The CA that signed the local PostgreSQL's server certificate (PEM).
+    pub pg_tls_ca: String,
     pub kafka_brokers: String,
     pub es_url: String,
 }
@@ -33,6 +38,8 @@ pub fn stack() -> &'static Stack {
         };
         Stack {
             pg_url: var("PG_URL"),
+            pg_admin_url: var("PG_ADMIN_URL"),
+            pg_tls_ca: var("PG_TLS_CA"),
             kafka_brokers: var("KAFKA_BROKERS"),
             es_url: var("ES_URL"),
         }
@@ -77,4 +84,14 @@ where
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A connection as the superuser, over the local socket.
+pub async fn admin_client() -> tokio_postgres::Client {
+    let (client, connection) =
+        tokio_postgres::connect(&stack().pg_admin_url, tokio_postgres::NoTls)
+            .await
+            .expect("connect as the superuser with PG_ADMIN_URL");
+    tokio::spawn(connection);
+    client
 }

@@ -8,11 +8,20 @@
 //! has room, and a [`StatusSender`] that keeps sending standby status updates whatever the
 //! reader is doing, so a back-pressured pipeline never looks dead to the walsender.
 //!
+//! TLS follows libpq's `sslmode` (see [`tls`]): an SSLRequest before the startup message,
+//! then rustls; the stream type carries either, and splits the same way.
+//!
 //! The session pins the settings the type codec relies on (see `postgres::types`), so values
 //! streamed here render exactly as the snapshot path renders them.
 
 pub mod frames;
+pub mod tls;
 
+use std::io;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
@@ -20,13 +29,13 @@ use fallible_iterator::FallibleIterator;
 use postgres_protocol::authentication::sasl::{ChannelBinding, SCRAM_SHA_256, ScramSha256};
 use postgres_protocol::message::backend::Message;
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 use crate::postgres::lsn::Lsn;
 use crate::postgres::types::SESSION_SETTINGS;
 use frames::{ErrorAction, Frame, FrameError, ReplicationMessage, ServerError, StatusUpdate};
+pub use tls::{SslMode, TlsError};
 
 /// Where and as whom to connect, parsed from a libpq-style URL or key=value string.
 #[derive(Clone)]
@@ -37,6 +46,11 @@ pub struct ConnectParams {
     pub password: Option<String>,
     pub dbname: String,
     pub application_name: String,
+    /// libpq's `sslmode`; `prefer` when the URL does not say.
+    pub ssl_mode: SslMode,
+    /// libpq's `sslrootcert`: the CA (PEM) the server certificate must chain to, or `system`
+    /// for the system trust store (also used by verify-* when this is unset).
+    pub ca_file: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for ConnectParams {
@@ -47,15 +61,25 @@ impl std::fmt::Debug for ConnectParams {
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
             .field("dbname", &self.dbname)
+            .field("application_name", &self.application_name)
+            .field("ssl_mode", &self.ssl_mode)
+            .field("ca_file", &self.ca_file)
             .finish()
     }
 }
 
 impl ConnectParams {
+    /// Parses a libpq URL (`postgres://…?sslmode=verify-full&sslrootcert=/ca.pem`) or
+    /// key=value string. `sslmode` and `sslrootcert` are taken out here, because the
+    /// tokio-postgres parser knows neither `sslrootcert` nor the verify-* modes.
     pub fn from_url(url: &str) -> Result<Self, ReplicationError> {
-        let config: tokio_postgres::Config = url
-            .parse()
-            .map_err(|e| ReplicationError::Url(format!("{e}")))?;
+        let (rest, tls) = split_tls_params(url)?;
+        let config: tokio_postgres::Config = rest.parse().map_err(|e: tokio_postgres::Error| {
+            let reason = std::error::Error::source(&e)
+                .map(|source| format!("{e}: {source}"))
+                .unwrap_or_else(|| e.to_string());
+            ReplicationError::Url(reason)
+        })?;
         let host = match config.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
             Some(_) => {
@@ -82,12 +106,154 @@ impl ConnectParams {
                 .get_application_name()
                 .unwrap_or("walsync")
                 .to_owned(),
+            ssl_mode: tls.mode.unwrap_or_default(),
+            ca_file: tls.root_cert,
         })
     }
 
     fn address(&self) -> String {
         format!("{}:{}", self.host, self.port)
     }
+}
+
+/// libpq's TLS parameters found in a connection string.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct TlsParams {
+    mode: Option<SslMode>,
+    root_cert: Option<PathBuf>,
+}
+
+impl TlsParams {
+    /// Takes `key=value` if it is a TLS parameter; `false` leaves it to tokio-postgres.
+    fn take(&mut self, key: &str, value: &str) -> Result<bool, ReplicationError> {
+        match key {
+            "sslmode" => {
+                self.mode = Some(tls::parse_mode(value).ok_or_else(|| {
+                    ReplicationError::Url(format!(
+                        "sslmode={value} is not supported; use disable, prefer, require, verify-ca or verify-full"
+                    ))
+                })?);
+                Ok(true)
+            }
+            "sslrootcert" => {
+                self.root_cert = (!value.is_empty()).then(|| PathBuf::from(value));
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+}
+
+/// Removes `sslmode` and `sslrootcert` from a URL's query or a key=value string, returning
+/// the rest (for tokio-postgres) and their values.
+fn split_tls_params(url: &str) -> Result<(String, TlsParams), ReplicationError> {
+    let mut tls = TlsParams::default();
+    let Some(rest) = ["postgres://", "postgresql://"]
+        .iter()
+        .find_map(|prefix| url.strip_prefix(prefix))
+    else {
+        let kept = split_key_values(url, &mut tls)?;
+        return Ok((kept, tls));
+    };
+    // As tokio-postgres reads it: credentials end at the first `@`, the query starts at the
+    // next `?`.
+    let authority_start = url.len() - rest.len() + rest.find('@').map_or(0, |at| at + 1);
+    let Some(question) = url[authority_start..].find('?') else {
+        return Ok((url.to_owned(), tls));
+    };
+    let (base, query) = url.split_at(authority_start + question);
+    let mut kept = Vec::new();
+    for pair in query[1..].split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if !tls.take(&percent_decode(key)?, &percent_decode(value)?)? {
+            kept.push(pair);
+        }
+    }
+    let rest = if kept.is_empty() {
+        base.to_owned()
+    } else {
+        format!("{base}?{}", kept.join("&"))
+    };
+    Ok((rest, tls))
+}
+
+/// The key=value form (`host=db sslmode='verify-full' …`): values may be single-quoted, with
+/// backslash escapes, and `=` may have spaces around it. Returns the other pairs, unchanged.
+/// Text that does not parse is left whole for tokio-postgres to report.
+fn split_key_values(text: &str, tls: &mut TlsParams) -> Result<String, ReplicationError> {
+    let mut kept: Vec<&str> = Vec::new();
+    let mut chars = text.char_indices().peekable();
+    let skip_spaces = |chars: &mut std::iter::Peekable<std::str::CharIndices<'_>>| {
+        while chars.next_if(|(_, c)| c.is_whitespace()).is_some() {}
+    };
+    loop {
+        skip_spaces(&mut chars);
+        let Some(&(start, _)) = chars.peek() else {
+            break;
+        };
+        let mut key = String::new();
+        while let Some((_, c)) = chars.next_if(|(_, c)| *c != '=' && !c.is_whitespace()) {
+            key.push(c);
+        }
+        skip_spaces(&mut chars);
+        if chars.next_if(|(_, c)| *c == '=').is_none() {
+            return Ok(text.to_owned());
+        }
+        skip_spaces(&mut chars);
+        let mut value = String::new();
+        let quoted = chars.next_if(|(_, c)| *c == '\'').is_some();
+        let mut closed = !quoted;
+        while let Some(&(_, c)) = chars.peek() {
+            if !quoted && c.is_whitespace() {
+                break;
+            }
+            chars.next();
+            match c {
+                '\\' => match chars.next() {
+                    Some((_, escaped)) => value.push(escaped),
+                    None => return Ok(text.to_owned()),
+                },
+                '\'' if quoted => {
+                    closed = true;
+                    break;
+                }
+                c => value.push(c),
+            }
+        }
+        if !closed {
+            return Ok(text.to_owned());
+        }
+        let end = chars.peek().map_or(text.len(), |&(index, _)| index);
+        if !tls.take(&key, &value)? {
+            kept.push(&text[start..end]);
+        }
+    }
+    Ok(kept.join(" "))
+}
+
+fn percent_decode(text: &str) -> Result<String, ReplicationError> {
+    let bytes = text.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        let hex = |offset: usize| {
+            bytes
+                .get(index + offset)
+                .and_then(|b| char::from(*b).to_digit(16))
+        };
+        match (bytes[index], hex(1), hex(2)) {
+            (b'%', Some(high), Some(low)) => {
+                decoded.push((high * 16 + low) as u8);
+                index += 3;
+            }
+            (byte, _, _) => {
+                decoded.push(byte);
+                index += 1;
+            }
+        }
+    }
+    String::from_utf8(decoded)
+        .map_err(|_| ReplicationError::Url("a URL parameter is not valid UTF-8".into()))
 }
 
 /// The result of IDENTIFY_SYSTEM: which cluster history the LSNs belong to.
@@ -119,23 +285,132 @@ pub enum SlotSnapshot {
 /// One row of a simple query's result, in text form.
 pub type TextRow = Vec<Option<String>>;
 
+/// The connection's byte stream: plain TCP, or TLS over it.
+enum PgStream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for PgStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            Self::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for PgStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            Self::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            Self::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            Self::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Asks for TLS (SSLRequest) when the mode wants it and runs the handshake if the server
+/// agrees; a server that declines gets a plain-text session only under `prefer`.
+async fn negotiate_tls(
+    mut tcp: TcpStream,
+    params: &ConnectParams,
+) -> Result<PgStream, ReplicationError> {
+    let Some(config) = tls::client_config(params.ssl_mode, params.ca_file.as_deref())? else {
+        return Ok(PgStream::Plain(tcp));
+    };
+    let mut request = BytesMut::with_capacity(8);
+    frontend::ssl_request(&mut request);
+    tcp.write_all(&request).await?;
+    // Exactly one byte: whatever follows it before the handshake is unauthenticated and must
+    // not be read as protocol (CVE-2021-23222).
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await?;
+    match answer[0] {
+        b'S' => {}
+        b'N' if !tls::tls_required(params.ssl_mode) => return Ok(PgStream::Plain(tcp)),
+        b'N' => {
+            return Err(TlsError::DeclinedByServer {
+                mode: tls::mode_name(params.ssl_mode),
+            }
+            .into());
+        }
+        b'E' => {
+            // A server too old to know SSLRequest answers with an error message.
+            let mut buffer = BytesMut::from(&b"E"[..]);
+            if let Message::ErrorResponse(body) =
+                parse_known(read_frame(&mut tcp, &mut buffer).await?)?
+            {
+                return Err(ReplicationError::Server(server_error(&body)?));
+            }
+            return Err(ReplicationError::Protocol(
+                "unexpected answer to SSLRequest".into(),
+            ));
+        }
+        other => {
+            return Err(ReplicationError::Protocol(format!(
+                "the server answered the SSLRequest with byte {other:#04x}"
+            )));
+        }
+    }
+    let name = tls::server_name(&params.host, params.ssl_mode)?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    match connector.connect(name, tcp).await {
+        Ok(stream) => Ok(PgStream::Tls(Box::new(stream))),
+        Err(error) => Err(
+            match tls::find_failure(
+                &error,
+                &params.host,
+                params.ssl_mode,
+                params.ca_file.as_deref(),
+            ) {
+                Some(failure) => failure.into(),
+                None => error.into(),
+            },
+        ),
+    }
+}
+
 /// A replication connection before streaming starts.
 pub struct ReplicationClient {
-    stream: TcpStream,
+    stream: PgStream,
     read_buffer: BytesMut,
     write_buffer: BytesMut,
 }
 
 impl ReplicationClient {
-    /// Connects, authenticates and waits until the server is ready for commands.
+    /// Connects (with TLS as `params.ssl_mode` says), authenticates and waits until the
+    /// server is ready for commands.
     pub async fn connect(params: &ConnectParams) -> Result<Self, ReplicationError> {
-        let stream = TcpStream::connect(params.address())
+        let tcp = TcpStream::connect(params.address())
             .await
             .map_err(|source| ReplicationError::Connect {
                 address: params.address(),
                 source,
             })?;
-        stream.set_nodelay(true)?;
+        tcp.set_nodelay(true)?;
+        let stream = negotiate_tls(tcp, params).await?;
         let mut client = Self {
             stream,
             read_buffer: BytesMut::with_capacity(64 * 1024),
@@ -143,6 +418,11 @@ impl ReplicationClient {
         };
         client.startup(params).await?;
         Ok(client)
+    }
+
+    /// Whether the session runs over TLS.
+    pub fn is_encrypted(&self) -> bool {
+        matches!(self.stream, PgStream::Tls(_))
     }
 
     async fn startup(&mut self, params: &ConnectParams) -> Result<(), ReplicationError> {
@@ -336,7 +616,7 @@ impl ReplicationClient {
                 }
             }
         }
-        let (read, write) = self.stream.into_split();
+        let (read, write) = tokio::io::split(self.stream);
         Ok((
             ReplicationStream {
                 read,
@@ -351,6 +631,8 @@ impl ReplicationClient {
 
     async fn flush(&mut self) -> Result<(), ReplicationError> {
         self.stream.write_all(&self.write_buffer).await?;
+        // TLS buffers records until flushed.
+        self.stream.flush().await?;
         self.write_buffer.clear();
         Ok(())
     }
@@ -447,7 +729,7 @@ pub fn quote_literal(text: &str) -> String {
 
 /// The reading half of a streaming replication connection.
 pub struct ReplicationStream {
-    read: OwnedReadHalf,
+    read: ReadHalf<PgStream>,
     buffer: BytesMut,
 }
 
@@ -473,7 +755,7 @@ impl ReplicationStream {
 
 /// The writing half: standby status updates, independent of the reader.
 pub struct StatusSender {
-    write: OwnedWriteHalf,
+    write: WriteHalf<PgStream>,
     buffer: BytesMut,
 }
 
@@ -482,6 +764,7 @@ impl StatusSender {
         self.buffer.clear();
         update.encode(unix_micros_now(), &mut self.buffer);
         self.write.write_all(&self.buffer).await?;
+        self.write.flush().await?;
         Ok(())
     }
 }
@@ -512,8 +795,10 @@ pub enum ReplicationError {
         "PostgreSQL asked for an authentication method walsync does not support ({0}); use scram-sha-256, md5, password or trust in pg_hba.conf"
     )]
     UnsupportedAuth(String),
-    #[error("PostgreSQL: {0}")]
+    #[error("PostgreSQL: {0}{hint}", hint = connection_hint(&.0.code))]
     Server(ServerError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("the replication connection failed: {0}")]
     Io(#[from] std::io::Error),
     #[error("the replication connection was closed by the server")]
@@ -524,6 +809,19 @@ pub enum ReplicationError {
     Protocol(String),
 }
 
+/// What to change when the server refuses a connection, by SQLSTATE (empty otherwise).
+pub(crate) fn connection_hint(code: &str) -> &'static str {
+    match code {
+        "28P01" => {
+            "; check the password (in postgres.url, postgres.password or postgres.password_file)"
+        }
+        "28000" => {
+            "; pg_hba.conf has no entry that lets this user in from this address with this encryption: add one, or change postgres.tls.mode (sslmode)"
+        }
+        _ => "",
+    }
+}
+
 impl ReplicationError {
     /// Whether reconnecting can help, or an operator must act first.
     pub fn action(&self) -> ErrorAction {
@@ -532,5 +830,95 @@ impl ReplicationError {
             Self::Server(error) => error.action(),
             _ => ErrorAction::Stop,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(url: &str) -> (String, TlsParams) {
+        split_tls_params(url).expect("valid")
+    }
+
+    #[test]
+    fn url_form_loses_sslmode_and_sslrootcert_and_keeps_the_rest() {
+        let (rest, tls) = split(
+            "postgres://u:p%3Fw@db:5433/app?application_name=x&sslmode=verify-full&sslrootcert=/etc/ca%20dir/ca.pem&connect_timeout=5",
+        );
+        assert_eq!(
+            rest,
+            "postgres://u:p%3Fw@db:5433/app?application_name=x&connect_timeout=5"
+        );
+        assert_eq!(tls.mode, Some(SslMode::VerifyFull));
+        assert_eq!(tls.root_cert, Some(PathBuf::from("/etc/ca dir/ca.pem")));
+    }
+
+    #[test]
+    fn url_form_drops_the_question_mark_when_nothing_is_left() {
+        let (rest, tls) = split("postgresql://u@db/app?sslmode=verify-ca");
+        assert_eq!(rest, "postgresql://u@db/app");
+        assert_eq!(tls.mode, Some(SslMode::VerifyCa));
+        let (rest, tls) = split("postgres://u@db/app");
+        assert_eq!(rest, "postgres://u@db/app");
+        assert_eq!(tls, TlsParams::default());
+    }
+
+    #[test]
+    fn a_question_mark_in_the_credentials_does_not_start_the_query() {
+        let (rest, tls) = split("postgres://u:a?b@db/app?sslmode=require");
+        assert_eq!(rest, "postgres://u:a?b@db/app");
+        assert_eq!(tls.mode, Some(SslMode::Require));
+    }
+
+    #[test]
+    fn key_value_form_loses_sslmode_and_sslrootcert_quoted_or_not() {
+        let (rest, tls) = split(
+            "host=db sslmode = verify-full port=5433 sslrootcert='/etc/my ca/it\\'s.pem' user=u",
+        );
+        assert_eq!(rest, "host=db port=5433 user=u");
+        assert_eq!(tls.mode, Some(SslMode::VerifyFull));
+        assert_eq!(tls.root_cert, Some(PathBuf::from("/etc/my ca/it's.pem")));
+        let (rest, _) = split("password='a b' sslmode=disable dbname=x");
+        assert_eq!(rest, "password='a b' dbname=x");
+    }
+
+    #[test]
+    fn an_unknown_sslmode_is_refused_by_name() {
+        let error = split_tls_params("postgres://u@db/app?sslmode=allow").unwrap_err();
+        assert!(error.to_string().contains("sslmode=allow"), "{error}");
+    }
+
+    #[test]
+    fn from_url_reads_tls_settings_in_both_forms_and_defaults_to_prefer() {
+        let params = ConnectParams::from_url(
+            "postgres://u:pw@localhost:15432/app?sslmode=verify-full&sslrootcert=/ca.pem",
+        )
+        .expect("URL form");
+        assert_eq!(params.ssl_mode, SslMode::VerifyFull);
+        assert_eq!(params.ca_file, Some(PathBuf::from("/ca.pem")));
+        assert_eq!((params.host.as_str(), params.port), ("localhost", 15432));
+        assert_eq!(params.password.as_deref(), Some("pw"));
+
+        let params = ConnectParams::from_url(
+            "host=127.0.0.1 user=u dbname=app sslmode=verify-ca sslrootcert=/ca.pem",
+        )
+        .expect("key=value form");
+        assert_eq!(params.ssl_mode, SslMode::VerifyCa);
+        assert_eq!(params.ca_file, Some(PathBuf::from("/ca.pem")));
+        assert_eq!(params.dbname, "app");
+
+        let params = ConnectParams::from_url("postgres://u@db/app").expect("plain");
+        assert_eq!(params.ssl_mode, SslMode::Prefer);
+        assert_eq!(params.ca_file, None);
+    }
+
+    #[test]
+    fn debug_never_shows_the_password() {
+        let params =
+            ConnectParams::from_url("postgres://u:s3cret@db/app?sslmode=require").expect("valid");
+        let text = format!("{params:?}");
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(text.contains("Require"), "{text}");
     }
 }
