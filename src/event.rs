@@ -666,3 +666,83 @@ mod tests {
         assert_eq!(value["after"]["quo\"te"], "x");
     }
 }
+
+/// The envelope as a consumer reads it back: what the sink needs from a record's value.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+pub struct Envelope {
+    pub before: Option<serde_json::Map<String, serde_json::Value>>,
+    pub after: Option<serde_json::Map<String, serde_json::Value>>,
+    pub op: EnvelopeOp,
+    pub source: EnvelopeSource,
+    /// Columns whose value did not travel (unchanged TOAST); absent from `after`.
+    #[serde(default)]
+    pub unchanged_toast_columns: Vec<String>,
+}
+
+/// `op` as it appears in the envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+pub enum EnvelopeOp {
+    #[serde(rename = "c")]
+    Create,
+    #[serde(rename = "u")]
+    Update,
+    #[serde(rename = "d")]
+    Delete,
+    #[serde(rename = "t")]
+    Truncate,
+    #[serde(rename = "r")]
+    Read,
+}
+
+impl EnvelopeOp {
+    pub fn code(self) -> &'static str {
+        match self {
+            EnvelopeOp::Create => "c",
+            EnvelopeOp::Update => "u",
+            EnvelopeOp::Delete => "d",
+            EnvelopeOp::Truncate => "t",
+            EnvelopeOp::Read => "r",
+        }
+    }
+}
+
+/// The `source` block as a consumer reads it back.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct EnvelopeSource {
+    pub schema: String,
+    pub table: String,
+    #[serde(rename = "txId")]
+    pub tx_id: u64,
+    pub lsn: u64,
+    /// The event's version in the index (snapshot rows: `cp − 1`).
+    pub commit_lsn: u64,
+    pub ts_ms: i64,
+    pub snapshot: String,
+    pub system_id: String,
+    pub timeline: u32,
+}
+
+impl Envelope {
+    /// Parses a record's value.
+    pub fn parse(value: &[u8]) -> Result<Self, serde_json::Error> {
+        serde_json::from_slice(value)
+    }
+}
+
+#[cfg(test)]
+mod envelope_tests {
+    use super::*;
+
+    #[test]
+    fn the_envelope_written_by_the_source_reads_back() {
+        let value = br#"{"before":null,"after":{"id":1,"note":"x"},"op":"u","ts_ms":5,
+            "source":{"version":"0.1.0","connector":"walsync","name":"p","db":"d","schema":"public",
+            "table":"t","txId":7,"lsn":100,"commit_lsn":200,"ts_ms":4,"snapshot":"false",
+            "system_id":"73","timeline":1},"unchanged_toast_columns":["big"]}"#;
+        let envelope = Envelope::parse(value).unwrap();
+        assert_eq!(envelope.op, EnvelopeOp::Update);
+        assert_eq!(envelope.source.commit_lsn, 200);
+        assert_eq!(envelope.unchanged_toast_columns, ["big"]);
+        assert_eq!(envelope.after.unwrap()["note"], "x");
+    }
+}

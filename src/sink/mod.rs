@@ -5,3 +5,8 @@
 //! classification of bulk errors into retry / dead-letter, deletes and truncates, and the
 //! comparison core that decides whether an index equals its table. It speaks only the REST API
 //! that Elasticsearch 7.10+/8/9 and OpenSearch 2.x share.
+//!
+//! - `document`: event → document id and body (pure).
+//! - `bulk`: NDJSON bulk bodies and per-item outcomes (pure).
+//! - `index`: indices, aliases, settings, mappings, the recorded system identifier.
+//! - `compare`: does an index equal its table?
