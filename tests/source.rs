@@ -7,83 +7,10 @@ mod common;
 use std::time::Duration;
 
 use common::kafka::{Consumed, read_topic};
-use common::{stack, unique_name, wait_for};
+use common::source::{RunningSource, config_for, drop_slot, name, sql};
 use serde_json::{Value, json};
 use tokio::sync::watch;
-use walsync::shell::config::Config;
 use walsync::source::{self, SourceExit};
-
-async fn sql() -> tokio_postgres::Client {
-    let (client, connection) = tokio_postgres::connect(&stack().pg_url, tokio_postgres::NoTls)
-        .await
-        .expect("connect to PostgreSQL");
-    tokio::spawn(connection);
-    client
-}
-
-/// A source configuration of its own: slot, publication and topics no other test touches.
-fn config_for(name: &str, tables: &[&str]) -> Config {
-    let mut config = Config::default();
-    config.postgres.url = stack().pg_url.clone();
-    config.postgres.slot = name.to_owned();
-    config.postgres.publication = format!("{name}_pub");
-    config.postgres.tables = tables.iter().map(|t| t.to_string()).collect();
-    config.postgres.heartbeat_interval_secs = 0;
-    config.postgres.status_interval_ms = 200;
-    config.kafka.brokers = stack().kafka_brokers.clone();
-    config.kafka.topic_prefix = name.to_owned();
-    config
-}
-
-fn name(prefix: &str) -> String {
-    unique_name(prefix).replace('-', "_")
-}
-
-struct RunningSource {
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<anyhow::Result<SourceExit>>,
-}
-
-impl RunningSource {
-    async fn start(config: Config) -> Self {
-        let slot = config.postgres.slot.clone();
-        let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(source::run(config, stopped));
-        let client = sql().await;
-        wait_for(
-            "the source to stream from its slot",
-            Duration::from_secs(60),
-            || async {
-                let row = client
-                    .query_opt(
-                        "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
-                        &[&slot],
-                    )
-                    .await
-                    .ok()?;
-                row.map(|_| ())
-            },
-        )
-        .await;
-        Self { stop, task }
-    }
-
-    async fn stop(self) -> SourceExit {
-        self.stop.send(true).expect("the source listens");
-        tokio::time::timeout(Duration::from_secs(60), self.task)
-            .await
-            .expect("the source stops within 60 s")
-            .expect("the source task did not panic")
-            .expect("the source stopped without error")
-    }
-}
-
-async fn drop_slot(slot: &str) {
-    let client = sql().await;
-    let _ = client
-        .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
-        .await;
-}
 
 fn value(record: &Consumed) -> &Value {
     record.value.as_ref().expect("not a tombstone")

@@ -18,12 +18,26 @@ pub struct Consumed {
     pub key: Value,
     /// `None` for a tombstone.
     pub value: Option<Value>,
+    /// The value's bytes as they were in Kafka (numbers and JSON text exactly as written).
+    pub raw_value: Option<Vec<u8>>,
     pub headers: HashMap<String, String>,
 }
 
 impl Consumed {
     pub fn op(&self) -> Option<&str> {
         self.value.as_ref()?.get("op")?.as_str()
+    }
+
+    /// The `after` image's fields as the exact JSON text the source wrote.
+    pub fn raw_after(&self) -> std::collections::HashMap<String, Box<serde_json::value::RawValue>> {
+        #[derive(serde::Deserialize)]
+        struct Image {
+            after: std::collections::HashMap<String, Box<serde_json::value::RawValue>>,
+        }
+        let raw = self.raw_value.as_deref().expect("not a tombstone");
+        serde_json::from_slice::<Image>(raw)
+            .expect("an after image")
+            .after
     }
 
     pub fn commit_lsn(&self) -> u64 {
@@ -98,6 +112,7 @@ pub async fn read_topic_until(
             offset: message.offset(),
             key,
             value,
+            raw_value: message.payload().map(<[u8]>::to_vec),
             headers,
         };
         if visit(record) {

@@ -5,6 +5,7 @@
 pub mod kafka;
 pub mod literals;
 pub mod process;
+pub mod source;
 
 use std::collections::HashMap;
 use std::future::Future;
