@@ -7,6 +7,7 @@ use walsync::postgres::catalog::Catalog;
 use walsync::postgres::slot;
 use walsync::shell::cli::{Cli, Command};
 use walsync::shell::config::Config;
+use walsync::sink::apply::Sink;
 use walsync::source::{self, SourceExit};
 
 fn main() -> ExitCode {
@@ -36,8 +37,37 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     walsync::shell::init_logging(&config.metrics.log_format);
     match cli.command {
         Command::Source => {
-            let stop = stop_on_signal();
+            let (_stopper, stop) = stop_on_signal();
             match source::run(config, stop).await? {
+                SourceExit::Drained => Ok(ExitCode::SUCCESS),
+                SourceExit::Undrained => Ok(ExitCode::from(3)),
+            }
+        }
+        Command::Sink => {
+            let sink = Sink::new(config).await?;
+            let (_stopper, stop) = stop_on_signal();
+            sink.run(stop).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run => {
+            let stop = stop_on_signal();
+            let sink = Sink::new(config.clone()).await?;
+            // Whichever half ends first (a signal, or an error) stops the other.
+            let stopper = stop.0.clone();
+            let source_half = async {
+                let result = source::run(config, stop.1.clone()).await;
+                let _ = stopper.send(true);
+                result
+            };
+            let sink_half = async {
+                let result = sink.run(stop.1.clone()).await;
+                let _ = stop.0.send(true);
+                result
+            };
+            let (source, sink) = tokio::join!(source_half, sink_half);
+            sink?;
+            let exit = source?;
+            match exit {
                 SourceExit::Drained => Ok(ExitCode::SUCCESS),
                 SourceExit::Undrained => Ok(ExitCode::from(3)),
             }
@@ -62,10 +92,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Turns true on SIGTERM or Ctrl-C.
-fn stop_on_signal() -> watch::Receiver<bool> {
+/// A stop flag that turns true on SIGTERM or Ctrl-C (or when the sender is used).
+fn stop_on_signal() -> (watch::Sender<bool>, watch::Receiver<bool>) {
     let (sender, receiver) = watch::channel(false);
+    let signal_sender = sender.clone();
     tokio::spawn(async move {
+        let sender = signal_sender;
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
@@ -89,5 +121,5 @@ fn stop_on_signal() -> watch::Receiver<bool> {
         tracing::info!("stop requested: draining");
         let _ = sender.send(true);
     });
-    receiver
+    (sender, receiver)
 }

@@ -59,7 +59,7 @@ async fn every_literal_of_the_shared_table_streams_as_expected() {
     let mut failures = Vec::new();
     for (i, literal) in LITERALS.iter().enumerate() {
         let actual = row[&format!("v{i}")].get();
-        if !same_json(literal.expected, &actual) {
+        if !same_json(literal.expected, actual) {
             failures.push(format!(
                 "({})::{} streamed as {actual}, expected {}",
                 literal.literal, literal.sql_type, literal.expected

@@ -30,6 +30,11 @@ pub enum Command {
     /// Stream changes from PostgreSQL to Kafka. Confirms WAL to PostgreSQL only once Kafka has
     /// acknowledged it; stops cleanly on SIGTERM or Ctrl-C (exit 0 when everything drained).
     Source,
+    /// Apply events from Kafka to Elasticsearch: idempotent writes versioned by commit LSN,
+    /// offsets committed only after the documents are written. Stops cleanly on SIGTERM.
+    Sink,
+    /// Run the source and the sink in one process (the everyday deployment).
+    Run,
     /// Apply walsync's pending migrations (its `walsync` schema in the source database) and
     /// print what was applied.
     Migrate,

@@ -10,3 +10,9 @@
 //! - `bulk`: NDJSON bulk bodies and per-item outcomes (pure).
 //! - `index`: indices, aliases, settings, mappings, the recorded system identifier.
 //! - `compare`: does an index equal its table?
+
+pub mod apply;
+pub mod bulk;
+pub mod compare;
+pub mod document;
+pub mod index;

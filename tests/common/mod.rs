@@ -4,6 +4,7 @@
 
 pub mod kafka;
 pub mod literals;
+pub mod pipeline;
 pub mod process;
 pub mod source;
 

@@ -1,0 +1,1067 @@
+//! The sink's loop: consume events, apply them to the search server, commit offsets.
+//!
+//! One cycle: collect a batch (bounded by documents, bytes and linger time), split it by
+//! partition, apply the partitions in parallel — each partition's events in offset order, with
+//! at most one bulk request in flight per partition and its retried items finished before the
+//! partition moves on (design invariant 4) — then commit every partition's next offset. Nothing
+//! is polled while a batch is applied, so a rebalance can only happen between batches: the work
+//! of a revoked partition is always finished, never abandoned, and an offset is committed only
+//! when everything before it is done or dead-lettered.
+//!
+//! Retries (429, 5xx, timeouts, connection errors, blocks, closed or missing indices) go on with
+//! exponential backoff and jitter for as long as it takes; memory stays bounded because the
+//! consumer is not polled meanwhile. Only documents the server will never accept go to the
+//! dead-letter topic, and a burst of them trips a breaker that stops the sink instead.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use elasticsearch::Elasticsearch;
+use elasticsearch::http::Method;
+use elasticsearch::http::headers::HeaderMap;
+use futures_util::future::join_all;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use serde_json::{Map, Value};
+use tokio::sync::{Mutex, watch};
+
+use crate::event::{Envelope, EnvelopeOp};
+use crate::kafka::producer::client_config;
+use crate::kafka::topics;
+use crate::postgres::catalog::Catalog;
+use crate::postgres::replication::quote_identifier;
+use crate::postgres::types::Codec;
+use crate::shell::config::{Config, DeleteMode, TableConfig};
+use crate::sink::bulk::{
+    ActionKind, BulkAction, BulkFailure, BulkRequest, ItemOutcome, RetryCause, classify_response,
+};
+use crate::sink::document::{DocumentShape, document_body, document_id, soft_tombstone_body};
+use crate::sink::index::{self, IndexOverrides, alias_name, ensure_index};
+
+/// Counters the sink keeps; metrics export reads them.
+#[derive(Debug, Default)]
+pub struct SinkStats {
+    pub indexed: AtomicU64,
+    pub deleted: AtomicU64,
+    /// Version conflicts: the index already held an equal or newer version.
+    pub stale: AtomicU64,
+    pub dead_lettered: AtomicU64,
+    /// Events older than a table's truncate mark, dropped.
+    pub dropped_before_truncate: AtomicU64,
+    pub retries: AtomicU64,
+    pub batches: AtomicU64,
+}
+
+/// Where one table's events go, and how they are shaped.
+struct TableTarget {
+    alias: String,
+    shape: DocumentShape,
+}
+
+/// Consumer context: checks every newly assigned partition for a gap (a committed offset that
+/// fell out of retention), which must stop the sink instead of silently skipping ahead.
+struct GapGuard {
+    gap: std::sync::Mutex<Option<String>>,
+}
+
+impl ClientContext for GapGuard {}
+
+impl ConsumerContext for GapGuard {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Assign(assigned) = rebalance else {
+            return;
+        };
+        let committed =
+            match consumer.committed_offsets((*assigned).clone(), Duration::from_secs(30)) {
+                Ok(committed) => committed,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read committed offsets to check for gaps");
+                    return;
+                }
+            };
+        for element in committed.elements() {
+            let Offset::Offset(offset) = element.offset() else {
+                continue;
+            };
+            let Ok((low, _)) = consumer.fetch_watermarks(
+                element.topic(),
+                element.partition(),
+                Duration::from_secs(30),
+            ) else {
+                continue;
+            };
+            if offset < low {
+                let message = format!(
+                    "partition {}/{}: the committed offset {offset} is older than the oldest retained offset {low}; \
+                     events in between were deleted by Kafka's retention before the sink applied them. \
+                     Rebuild the index (walsync backfill --into) and reset the group's offsets, or raise the topic's retention",
+                    element.topic(),
+                    element.partition()
+                );
+                if let Ok(mut gap) = self.gap.lock() {
+                    gap.get_or_insert(message);
+                }
+            }
+        }
+    }
+}
+
+/// The sink.
+pub struct Sink {
+    config: Config,
+    client: Elasticsearch,
+    consumer: StreamConsumer<GapGuard>,
+    dead_letters: FutureProducer,
+    dead_letter_topic: String,
+    targets: Mutex<HashMap<(String, String), Arc<TableTarget>>>,
+    /// Per alias: events with a lower commit LSN were truncated away and are dropped.
+    truncate_marks: std::sync::Mutex<HashMap<String, u64>>,
+    /// Writes hold it shared, a truncate exclusively: a bulk of pre-truncate events either
+    /// finishes before the truncate's delete-by-query or sees its mark and drops them.
+    truncate_gate: tokio::sync::RwLock<()>,
+    reader: Mutex<Option<RowReader>>,
+    breaker: std::sync::Mutex<VecDeque<Instant>>,
+    pub stats: Arc<SinkStats>,
+}
+
+impl Sink {
+    pub async fn new(config: Config) -> anyhow::Result<Self> {
+        let client = index::build_client(&config.elasticsearch)?;
+        let dead_letter_topic = topics::dead_letter_topic(&config.kafka.topic_prefix);
+        topics::ensure_topics(&config.kafka, std::slice::from_ref(&dead_letter_topic)).await?;
+
+        let mut consumer_config = client_config(&config.kafka)?;
+        consumer_config
+            .set("group.id", &config.sink.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            // Only for a group that never committed; a committed offset out of range is caught
+            // by the gap guard.
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            // Retries can stall a partition for a long time; that must not evict the consumer.
+            .set("max.poll.interval.ms", "86400000")
+            .set("topic.metadata.refresh.interval.ms", "5000")
+            .set("isolation.level", "read_committed");
+        let consumer: StreamConsumer<GapGuard> = consumer_config
+            .create_with_context(GapGuard {
+                gap: std::sync::Mutex::new(None),
+            })
+            .context("cannot create the Kafka consumer")?;
+        if config.sink.topics.is_empty() {
+            let prefix = regex_escape(&config.kafka.topic_prefix);
+            // Table topics have at least two more segments; `<prefix>.dlq` has one.
+            consumer.subscribe(&[&format!("^{prefix}\\.[^.]+\\..+")])?;
+        } else {
+            let topics: Vec<&str> = config.sink.topics.iter().map(String::as_str).collect();
+            consumer.subscribe(&topics)?;
+        }
+        let dead_letters: FutureProducer = {
+            let mut producer = client_config(&config.kafka)?;
+            producer
+                .set("enable.idempotence", "true")
+                .set("acks", "all");
+            producer
+                .create()
+                .context("cannot create the dead-letter producer")?
+        };
+        Ok(Self {
+            config,
+            client,
+            consumer,
+            dead_letters,
+            dead_letter_topic,
+            targets: Mutex::new(HashMap::new()),
+            truncate_marks: std::sync::Mutex::new(HashMap::new()),
+            truncate_gate: tokio::sync::RwLock::new(()),
+            reader: Mutex::new(None),
+            breaker: std::sync::Mutex::new(VecDeque::new()),
+            stats: Arc::new(SinkStats::default()),
+        })
+    }
+
+    /// Runs until `stop` turns true (finishing the batch in hand) or an error an operator must
+    /// look at.
+    pub async fn run(&self, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+        loop {
+            let batch = tokio::select! {
+                biased;
+                _ = stop.changed() => break,
+                batch = self.collect_batch() => batch?,
+            };
+            if let Some(gap) = self
+                .consumer
+                .context()
+                .gap
+                .lock()
+                .ok()
+                .and_then(|gap| gap.clone())
+            {
+                bail!("{gap}");
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            self.apply_batch(batch).await?;
+        }
+        tracing::info!("sink stopped");
+        Ok(())
+    }
+
+    /// Waits for a first record, then gathers more until the batch is full or the linger time
+    /// has passed.
+    async fn collect_batch(&self) -> anyhow::Result<Vec<OwnedMessage>> {
+        let sink = &self.config.sink;
+        let first = loop {
+            match self.consumer.recv().await {
+                Ok(message) => break message.detach(),
+                // Consumer errors are reports (a subscribed pattern that matches no topic yet, a
+                // broker going away); librdkafka recovers by itself.
+                Err(error) => {
+                    tracing::warn!(%error, "Kafka consumer reported an error; continuing");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        };
+        let mut bytes = first.payload().map_or(0, <[u8]>::len);
+        let mut batch = vec![first];
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(sink.linger_ms);
+        while batch.len() < sink.batch_max_docs && bytes < sink.batch_max_bytes {
+            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
+                Ok(Ok(message)) => {
+                    let message = message.detach();
+                    bytes += message.payload().map_or(0, <[u8]>::len);
+                    batch.push(message);
+                }
+                Ok(Err(error)) => {
+                    tracing::warn!(%error, "Kafka consumer reported an error; continuing");
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        Ok(batch)
+    }
+
+    async fn apply_batch(&self, batch: Vec<OwnedMessage>) -> anyhow::Result<()> {
+        let mut partitions: Vec<((String, i32), Vec<OwnedMessage>)> = Vec::new();
+        for message in batch {
+            let key = (message.topic().to_owned(), message.partition());
+            match partitions.iter_mut().find(|(k, _)| *k == key) {
+                Some((_, messages)) => messages.push(message),
+                None => partitions.push((key, vec![message])),
+            }
+        }
+        let results = join_all(
+            partitions
+                .iter()
+                .map(|(_, messages)| self.apply_partition(messages)),
+        )
+        .await;
+        for result in results {
+            result?;
+        }
+        let mut offsets = TopicPartitionList::new();
+        for ((topic, partition), messages) in &partitions {
+            if let Some(last) = messages.last() {
+                offsets.add_partition_offset(
+                    topic,
+                    *partition,
+                    Offset::Offset(last.offset() + 1),
+                )?;
+            }
+        }
+        if let Err(error) = self.consumer.commit(&offsets, CommitMode::Sync) {
+            // After a rebalance the partition may belong to another consumer, which re-applies
+            // from the last commit: harmless, versions make it idempotent.
+            tracing::warn!(%error, "offset commit failed; the events will be applied again (idempotent)");
+        }
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Applies one partition's messages in offset order.
+    async fn apply_partition(&self, messages: &[OwnedMessage]) -> anyhow::Result<()> {
+        let mut pending: Vec<Pending<'_>> = Vec::new();
+        for message in messages {
+            let Some(payload) = message.payload() else {
+                continue;
+            }; // Kafka tombstone
+            let envelope = match Envelope::parse(payload) {
+                Ok(envelope) => envelope,
+                Err(error) => {
+                    self.dead_letter(message, &format!("not a walsync change event: {error}"))
+                        .await?;
+                    continue;
+                }
+            };
+            let target = self.target(&envelope).await?;
+            if envelope.op == EnvelopeOp::Truncate {
+                self.write(std::mem::take(&mut pending)).await?;
+                self.truncate(&envelope, &target).await?;
+                continue;
+            }
+            pending.push(Pending {
+                message,
+                envelope,
+                target,
+            });
+        }
+        self.write(pending).await
+    }
+
+    /// The index target of an event's table, creating or checking its index on first use.
+    async fn target(&self, envelope: &Envelope) -> anyhow::Result<Arc<TableTarget>> {
+        let key = (
+            envelope.source.schema.clone(),
+            envelope.source.table.clone(),
+        );
+        let mut targets = self.targets.lock().await;
+        if let Some(target) = targets.get(&key) {
+            return Ok(Arc::clone(target));
+        }
+        let qualified = format!("{}.{}", key.0, key.1);
+        let table_config = self
+            .config
+            .tables
+            .get(&qualified)
+            .cloned()
+            .unwrap_or_default();
+        let alias = alias_name(&self.config.elasticsearch, &table_config, &key.0, &key.1);
+        self.ensure(&alias, &table_config, &envelope.source.system_id)
+            .await?;
+        let truncate_mark = read_truncate_mark(&self.client, &alias).await?;
+        self.raise_truncate_mark(&alias, truncate_mark);
+        let target = Arc::new(TableTarget {
+            shape: DocumentShape::new(&qualified, &table_config)?,
+            alias,
+        });
+        targets.insert(key, Arc::clone(&target));
+        Ok(target)
+    }
+
+    fn truncate_mark(&self, alias: &str) -> u64 {
+        self.truncate_marks
+            .lock()
+            .ok()
+            .and_then(|marks| marks.get(alias).copied())
+            .unwrap_or(0)
+    }
+
+    fn raise_truncate_mark(&self, alias: &str, mark: u64) {
+        if let Ok(mut marks) = self.truncate_marks.lock() {
+            let entry = marks.entry(alias.to_owned()).or_insert(0);
+            *entry = (*entry).max(mark);
+        }
+    }
+
+    async fn ensure(
+        &self,
+        alias: &str,
+        table: &TableConfig,
+        system_id: &str,
+    ) -> anyhow::Result<()> {
+        let overrides = IndexOverrides::from_table(table)?;
+        ensure_index(
+            &self.client,
+            alias,
+            system_id,
+            overrides.settings.as_ref(),
+            overrides.mappings.as_ref(),
+            &self.config.elasticsearch.gc_deletes,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Turns events into bulk actions (filling unchanged TOAST values first) and writes them.
+    async fn write(&self, mut pending: Vec<Pending<'_>>) -> anyhow::Result<()> {
+        let _no_truncate_meanwhile = self.truncate_gate.read().await;
+        let before = pending.len();
+        pending.retain(|item| {
+            item.envelope.source.commit_lsn >= self.truncate_mark(&item.target.alias)
+        });
+        self.stats
+            .dropped_before_truncate
+            .fetch_add((before - pending.len()) as u64, Ordering::Relaxed);
+        if pending.is_empty() {
+            return Ok(());
+        }
+        self.fill_unchanged_toast(&mut pending).await?;
+        let mut actions = Vec::with_capacity(pending.len());
+        let mut sources = Vec::with_capacity(pending.len());
+        for (position, item) in pending.iter().enumerate() {
+            match self.action(item) {
+                Ok(Some(action)) => {
+                    actions.push(action);
+                    sources.push(position);
+                }
+                Ok(None) => {}
+                Err(reason) => self.dead_letter(item.message, &reason).await?,
+            }
+        }
+        self.send(actions, &sources, &pending).await
+    }
+
+    fn action(&self, item: &Pending<'_>) -> Result<Option<BulkAction>, String> {
+        let key = item.message.key().unwrap_or_default();
+        let id =
+            document_id(key).map_err(|error| format!("cannot derive the document id: {error}"))?;
+        let version = item.envelope.source.commit_lsn;
+        let index = item.target.alias.clone();
+        let kind = match item.envelope.op {
+            EnvelopeOp::Create | EnvelopeOp::Update | EnvelopeOp::Read => {
+                if item
+                    .envelope
+                    .unchanged_toast_columns
+                    .iter()
+                    .any(|c| item.target.shape.keeps(c))
+                {
+                    // The row is gone from PostgreSQL: a later delete supersedes this event.
+                    return Ok(None);
+                }
+                ActionKind::Index(
+                    document_body(&item.target.shape, &item.envelope).map_err(|e| e.to_string())?,
+                )
+            }
+            EnvelopeOp::Delete => match self.config.elasticsearch.delete_mode {
+                DeleteMode::Hard => ActionKind::Delete,
+                DeleteMode::Soft => ActionKind::Index(
+                    soft_tombstone_body(&item.target.shape, key, &item.envelope)
+                        .map_err(|e| e.to_string())?,
+                ),
+            },
+            EnvelopeOp::Truncate => return Ok(None),
+        };
+        Ok(Some(BulkAction {
+            index,
+            id,
+            version,
+            kind,
+        }))
+    }
+
+    /// Sends actions until every one is done, stale or dead-lettered. Retried items go again,
+    /// in order, before anything later of this partition.
+    async fn send(
+        &self,
+        mut actions: Vec<BulkAction>,
+        sources: &[usize],
+        pending: &[Pending<'_>],
+    ) -> anyhow::Result<()> {
+        let mut origins: Vec<usize> = sources.to_vec();
+        let mut backoff = Backoff::new();
+        while !actions.is_empty() {
+            let request = BulkRequest::build(&actions);
+            let outcomes = match self.post_bulk(&request).await {
+                Ok(outcomes) => outcomes,
+                Err(BulkFailure::Fatal { reason }) => {
+                    bail!("the search server refused the bulk request: {reason}")
+                }
+                Err(failure) => {
+                    self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%failure, "bulk request failed; retrying");
+                    backoff.wait().await;
+                    continue;
+                }
+            };
+            let mut retry_positions = Vec::new();
+            let mut dead = Vec::new();
+            let mut missing_index = false;
+            for (item, outcome) in request.items.iter().zip(outcomes) {
+                // Collapsed events share their item's outcome: count each of them.
+                let events = item.positions().len() as u64;
+                match outcome {
+                    ItemOutcome::Done => {
+                        let counter = if item.operation == crate::sink::bulk::BulkOperation::Delete
+                        {
+                            &self.stats.deleted
+                        } else {
+                            &self.stats.indexed
+                        };
+                        counter.fetch_add(events, Ordering::Relaxed);
+                    }
+                    ItemOutcome::Stale => {
+                        self.stats.stale.fetch_add(events, Ordering::Relaxed);
+                    }
+                    ItemOutcome::AlreadyDeleted => {
+                        self.stats.deleted.fetch_add(events, Ordering::Relaxed);
+                    }
+                    ItemOutcome::Retry { cause, reason } => {
+                        missing_index |= cause == RetryCause::IndexMissing;
+                        tracing::debug!(cause = cause.label(), %reason, "bulk item will be retried");
+                        retry_positions.extend(item.positions());
+                    }
+                    ItemOutcome::DeadLetter { reason } => dead.push((item.positions(), reason)),
+                }
+            }
+            if !dead.is_empty() {
+                self.trip_breaker_if_bursting(dead.len(), &dead[0].1)?;
+                for (positions, reason) in &dead {
+                    for position in positions {
+                        self.dead_letter(pending[origins[*position]].message, reason)
+                            .await?;
+                    }
+                }
+            }
+            if retry_positions.is_empty() {
+                break;
+            }
+            retry_positions.sort_unstable();
+            if missing_index {
+                self.recreate_missing_indices(&retry_positions, &origins, pending)
+                    .await;
+            }
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            let kept_actions = retry_positions
+                .iter()
+                .map(|p| actions[*p].clone())
+                .collect();
+            origins = retry_positions.iter().map(|p| origins[*p]).collect();
+            actions = kept_actions;
+            backoff.wait().await;
+        }
+        Ok(())
+    }
+
+    async fn post_bulk(&self, request: &BulkRequest) -> Result<Vec<ItemOutcome>, BulkFailure> {
+        let response = self
+            .client
+            .send(
+                Method::Post,
+                "/_bulk",
+                HeaderMap::new(),
+                Option::<&()>::None,
+                Some(request.body.as_slice()),
+                Some(Duration::from_secs(60)),
+            )
+            .await
+            .map_err(|error| BulkFailure::Retry {
+                reason: format!("transport: {error}"),
+            })?;
+        let status = response.status_code().as_u16();
+        let body = response.bytes().await.map_err(|error| BulkFailure::Retry {
+            reason: format!("reading the response: {error}"),
+        })?;
+        classify_response(request, status, &body)
+    }
+
+    async fn recreate_missing_indices(
+        &self,
+        positions: &[usize],
+        origins: &[usize],
+        pending: &[Pending<'_>],
+    ) {
+        let mut done = Vec::new();
+        for position in positions {
+            let item = &pending[origins[*position]];
+            if done.contains(&item.target.alias) {
+                continue;
+            }
+            let qualified = format!(
+                "{}.{}",
+                item.envelope.source.schema, item.envelope.source.table
+            );
+            let table = self
+                .config
+                .tables
+                .get(&qualified)
+                .cloned()
+                .unwrap_or_default();
+            match self
+                .ensure(&item.target.alias, &table, &item.envelope.source.system_id)
+                .await
+            {
+                Ok(()) => {
+                    tracing::warn!(alias = %item.target.alias, "the index was missing and has been re-created")
+                }
+                Err(error) => {
+                    tracing::warn!(error = %format!("{error:#}"), "cannot re-create a missing index yet")
+                }
+            }
+            done.push(item.target.alias.clone());
+        }
+    }
+
+    /// Stops the sink when dead letters come faster than `sink.dlq_breaker_per_minute`: a
+    /// mapping change that rejects every document must not empty a table into the DLQ.
+    fn trip_breaker_if_bursting(&self, count: usize, first_reason: &str) -> anyhow::Result<()> {
+        let limit = self.config.sink.dlq_breaker_per_minute as usize;
+        let now = Instant::now();
+        let mut recent = self
+            .breaker
+            .lock()
+            .map_err(|_| anyhow::anyhow!("breaker lock poisoned"))?;
+        while recent
+            .front()
+            .is_some_and(|at| now.duration_since(*at) > Duration::from_secs(60))
+        {
+            recent.pop_front();
+        }
+        if recent.len() + count > limit {
+            bail!(
+                "dead-letter breaker tripped: {} documents rejected within a minute (limit sink.dlq_breaker_per_minute = {limit}); \
+                 first reason: {first_reason}. Nothing was dead-lettered or committed for this batch. \
+                 Fix the mapping or the data, then restart the sink",
+                recent.len() + count
+            );
+        }
+        recent.extend(std::iter::repeat_n(now, count));
+        Ok(())
+    }
+
+    async fn dead_letter(&self, message: &OwnedMessage, reason: &str) -> anyhow::Result<()> {
+        tracing::warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(), %reason, "dead-lettered");
+        let mut headers = OwnedHeaders::new();
+        if let Some(original) = message.headers() {
+            for header in original.iter() {
+                headers = headers.insert(Header {
+                    key: header.key,
+                    value: header.value,
+                });
+            }
+        }
+        let offset = message.offset().to_string();
+        let partition = message.partition().to_string();
+        headers = headers
+            .insert(Header {
+                key: "walsync.dlq.reason",
+                value: Some(reason),
+            })
+            .insert(Header {
+                key: "walsync.dlq.topic",
+                value: Some(message.topic()),
+            })
+            .insert(Header {
+                key: "walsync.dlq.partition",
+                value: Some(&partition),
+            })
+            .insert(Header {
+                key: "walsync.dlq.offset",
+                value: Some(&offset),
+            });
+        let mut record = FutureRecord::to(&self.dead_letter_topic).headers(headers);
+        if let Some(key) = message.key() {
+            record = record.key(key);
+        }
+        if let Some(payload) = message.payload() {
+            record = record.payload(payload);
+        }
+        self.dead_letters
+            .send(record, Duration::from_secs(300))
+            .await
+            .map_err(|(error, _)| {
+                anyhow::anyhow!(
+                    "cannot write to the dead-letter topic {}: {error}",
+                    self.dead_letter_topic
+                )
+            })?;
+        self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Deletes the table's documents older than the truncate, and records the truncate mark in
+    /// the index so older events still arriving from other partitions are dropped.
+    async fn truncate(&self, envelope: &Envelope, target: &TableTarget) -> anyhow::Result<()> {
+        let _exclusive = self.truncate_gate.write().await;
+        let mark = envelope.source.commit_lsn;
+        write_truncate_mark(&self.client, &target.alias, mark).await?;
+        self.raise_truncate_mark(&target.alias, mark);
+        // delete_by_query sees only refreshed documents: make every earlier write visible.
+        index::refresh(&self.client, &target.alias).await?;
+        let query = serde_json::json!({"query": {"range": {"walsync.commit_lsn": {"lt": mark}}}});
+        let path = format!(
+            "/{}/_delete_by_query?conflicts=proceed&refresh=true",
+            target.alias
+        );
+        let response = self
+            .client
+            .send(
+                Method::Post,
+                &path,
+                HeaderMap::new(),
+                Option::<&()>::None,
+                Some(query.to_string()),
+                Some(Duration::from_secs(600)),
+            )
+            .await
+            .context("delete_by_query for a truncate")?;
+        let status = response.status_code();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            bail!(
+                "truncate of {}: delete_by_query answered {status}: {body}",
+                target.alias
+            );
+        }
+        tracing::info!(alias = %target.alias, commit_lsn = mark, "applied a truncate");
+        Ok(())
+    }
+
+    /// Fills `after` values that did not travel (unchanged TOAST): from an earlier event of the
+    /// same document in this batch, else from the stored document, else by re-reading the row
+    /// from PostgreSQL by primary key. Never null, never a placeholder (design invariant 6).
+    async fn fill_unchanged_toast(&self, pending: &mut [Pending<'_>]) -> anyhow::Result<()> {
+        let mut latest: HashMap<(String, Vec<u8>), Map<String, Value>> = HashMap::new();
+        for item in pending.iter_mut() {
+            let key = (
+                item.target.alias.clone(),
+                item.message.key().unwrap_or_default().to_vec(),
+            );
+            if !item.envelope.unchanged_toast_columns.is_empty() {
+                let missing = std::mem::take(&mut item.envelope.unchanged_toast_columns);
+                let mut still_missing = Vec::new();
+                for column in missing {
+                    let value = latest.get(&key).and_then(|row| row.get(&column)).cloned();
+                    match (value, item.envelope.after.as_mut()) {
+                        (Some(value), Some(after)) => {
+                            after.insert(column, value);
+                        }
+                        _ => still_missing.push(column),
+                    }
+                }
+                if !still_missing.is_empty() {
+                    self.fill_from_stored_or_source(item, &mut still_missing)
+                        .await?;
+                }
+                item.envelope.unchanged_toast_columns = still_missing;
+            }
+            match (&item.envelope.op, &item.envelope.after) {
+                (EnvelopeOp::Delete, _) => {
+                    latest.remove(&key);
+                }
+                (_, Some(after)) => {
+                    latest.insert(key, after.clone());
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    async fn fill_from_stored_or_source(
+        &self,
+        item: &mut Pending<'_>,
+        missing: &mut Vec<String>,
+    ) -> anyhow::Result<()> {
+        let key = item.message.key().unwrap_or_default();
+        let id = document_id(key)?;
+        if let Some(stored) = self.stored_document(&item.target.alias, &id).await? {
+            let deleted = stored
+                .get("walsync")
+                .and_then(|m| m.get("deleted"))
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            if !deleted && let Some(after) = item.envelope.after.as_mut() {
+                missing.retain(
+                    |column| match stored.get(item.target.shape.field_name(column)) {
+                        Some(value) => {
+                            after.insert(column.clone(), value.clone());
+                            false
+                        }
+                        None => true,
+                    },
+                );
+            }
+        }
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let row = self
+            .read_row_from_source(&item.envelope, key, missing)
+            .await?;
+        if let (Some(row), Some(after)) = (row, item.envelope.after.as_mut()) {
+            missing.retain(|column| match row.get(column) {
+                Some(value) => {
+                    after.insert(column.clone(), value.clone());
+                    false
+                }
+                None => true,
+            });
+        }
+        Ok(())
+    }
+
+    async fn stored_document(
+        &self,
+        alias: &str,
+        id: &str,
+    ) -> anyhow::Result<Option<Map<String, Value>>> {
+        let path = format!("/{alias}/_doc/{}?realtime=true", url_path_escape(id));
+        let mut backoff = Backoff::new();
+        loop {
+            match self
+                .client
+                .send(
+                    Method::Get,
+                    &path,
+                    HeaderMap::new(),
+                    Option::<&()>::None,
+                    Option::<&[u8]>::None,
+                    Some(Duration::from_secs(30)),
+                )
+                .await
+            {
+                Ok(response) if response.status_code().as_u16() == 404 => return Ok(None),
+                Ok(response) if response.status_code().is_success() => {
+                    let document: Value = response.json().await?;
+                    return Ok(document.get("_source").and_then(Value::as_object).cloned());
+                }
+                Ok(response) => {
+                    tracing::warn!(status = %response.status_code(), "reading a stored document failed; retrying")
+                }
+                Err(error) => tracing::warn!(%error, "reading a stored document failed; retrying"),
+            }
+            backoff.wait().await;
+        }
+    }
+
+    /// Re-reads columns of one row from PostgreSQL by primary key, through the source's codec.
+    async fn read_row_from_source(
+        &self,
+        envelope: &Envelope,
+        key: &[u8],
+        columns: &[String],
+    ) -> anyhow::Result<Option<Map<String, Value>>> {
+        let mut reader = self.reader.lock().await;
+        if reader.is_none() {
+            *reader = Some(RowReader::connect(&self.config).await?);
+        }
+        let Some(connected) = reader.as_ref() else {
+            return Ok(None);
+        };
+        let result = connected.read(envelope, key, columns).await;
+        if result.is_err() {
+            *reader = None;
+        }
+        result
+    }
+}
+
+/// One event of a partition on its way to a bulk action.
+struct Pending<'a> {
+    message: &'a OwnedMessage,
+    envelope: Envelope,
+    target: Arc<TableTarget>,
+}
+
+/// Reads rows from PostgreSQL for TOAST fills, with the source's session settings and codec.
+struct RowReader {
+    catalog: Catalog,
+    codec: Codec,
+}
+
+impl RowReader {
+    async fn connect(config: &Config) -> anyhow::Result<Self> {
+        let params = crate::source::connect_params(config)?;
+        let catalog = Catalog::connect(&params)
+            .await
+            .context("cannot connect to PostgreSQL to re-read unchanged TOAST values")?;
+        let mut codec = Codec::new(Default::default());
+        for (oid, kind) in catalog.custom_types().await? {
+            codec.register(oid, kind);
+        }
+        Ok(Self { catalog, codec })
+    }
+
+    async fn read(
+        &self,
+        envelope: &Envelope,
+        key: &[u8],
+        columns: &[String],
+    ) -> anyhow::Result<Option<Map<String, Value>>> {
+        let key: Map<String, Value> = serde_json::from_slice(key)?;
+        let table = format!(
+            "{}.{}",
+            quote_identifier(&envelope.source.schema),
+            quote_identifier(&envelope.source.table)
+        );
+        let conditions: Vec<String> = key
+            .iter()
+            .map(|(column, value)| {
+                let text = match value {
+                    Value::String(text) => text.clone(),
+                    other => other.to_string(),
+                };
+                format!(
+                    "{} = {}",
+                    quote_identifier(column),
+                    crate::postgres::replication::quote_literal(&text)
+                )
+            })
+            .collect();
+        let list: Vec<String> = columns.iter().map(|c| quote_identifier(c)).collect();
+        let types = self
+            .catalog
+            .client()
+            .query(
+                "SELECT a.attname::text, a.atttypid FROM pg_attribute a
+                 WHERE a.attrelid = ($1 || '.' || $2)::regclass AND a.attnum > 0 AND NOT a.attisdropped",
+                &[&quote_identifier(&envelope.source.schema), &quote_identifier(&envelope.source.table)],
+            )
+            .await?;
+        let types: HashMap<String, u32> =
+            types.iter().map(|row| (row.get(0), row.get(1))).collect();
+        let sql = format!(
+            "SELECT {} FROM {table} WHERE {}",
+            list.join(", "),
+            conditions.join(" AND ")
+        );
+        let rows = self.catalog.client().simple_query(&sql).await?;
+        for message in rows {
+            if let tokio_postgres::SimpleQueryMessage::Row(row) = message {
+                let mut values = Map::new();
+                for (index, column) in columns.iter().enumerate() {
+                    let value = match row.get(index) {
+                        None => Value::Null,
+                        Some(text) => {
+                            let mut json = Vec::new();
+                            let oid = types.get(column).copied().unwrap_or(25);
+                            self.codec.write_json(&mut json, oid, text.as_bytes())?;
+                            serde_json::from_slice(&json)?
+                        }
+                    };
+                    values.insert(column.clone(), value);
+                }
+                return Ok(Some(values));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// Exponential backoff with jitter, capped at 30 s.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Self {
+            next: Duration::from_millis(100),
+        }
+    }
+
+    async fn wait(&mut self) {
+        let jitter = (std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+            % 1000) as f64
+            / 1000.0;
+        let delay = self.next.mul_f64(0.5 + jitter / 2.0);
+        tokio::time::sleep(delay).await;
+        self.next = (self.next * 2).min(Duration::from_secs(30));
+    }
+}
+
+async fn read_truncate_mark(client: &Elasticsearch, alias: &str) -> anyhow::Result<u64> {
+    let response = client
+        .send(
+            Method::Get,
+            &format!("/{alias}/_mapping"),
+            HeaderMap::new(),
+            Option::<&()>::None,
+            Option::<&[u8]>::None,
+            Some(Duration::from_secs(30)),
+        )
+        .await?;
+    let mapping: Value = response.json().await?;
+    Ok(mapping
+        .as_object()
+        .into_iter()
+        .flat_map(|indices| indices.values())
+        .filter_map(|index| index.pointer("/mappings/_meta/walsync/truncated_before"))
+        .filter_map(Value::as_u64)
+        .max()
+        .unwrap_or(0))
+}
+
+async fn write_truncate_mark(client: &Elasticsearch, alias: &str, mark: u64) -> anyhow::Result<()> {
+    let response = client
+        .send(
+            Method::Get,
+            &format!("/{alias}/_mapping"),
+            HeaderMap::new(),
+            Option::<&()>::None,
+            Option::<&[u8]>::None,
+            Some(Duration::from_secs(30)),
+        )
+        .await?;
+    let mapping: Value = response.json().await?;
+    let mut meta = mapping
+        .as_object()
+        .and_then(|indices| indices.values().next())
+        .and_then(|index| index.pointer("/mappings/_meta"))
+        .cloned()
+        .unwrap_or_else(|| serde_json::json!({}));
+    if let Some(walsync) = meta.get_mut("walsync").and_then(Value::as_object_mut) {
+        let previous = walsync
+            .get("truncated_before")
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        walsync.insert("truncated_before".into(), Value::from(previous.max(mark)));
+    }
+    let body = serde_json::json!({"_meta": meta}).to_string();
+    let response = client
+        .send(
+            Method::Put,
+            &format!("/{alias}/_mapping"),
+            HeaderMap::new(),
+            Option::<&()>::None,
+            Some(body),
+            Some(Duration::from_secs(30)),
+        )
+        .await?;
+    if !response.status_code().is_success() {
+        let body = response.text().await.unwrap_or_default();
+        bail!("cannot record the truncate mark on {alias}: {body}");
+    }
+    Ok(())
+}
+
+fn regex_escape(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                vec![c]
+            } else {
+                vec!['\\', c]
+            }
+        })
+        .collect()
+}
+
+fn url_path_escape(id: &str) -> String {
+    id.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_escaped_for_the_document_path() {
+        assert_eq!(url_path_escape("[1,\"a b\"]"), "%5B1%2C%22a%20b%22%5D");
+        assert_eq!(url_path_escape("plain-id_1.2"), "plain-id_1.2");
+    }
+
+    #[test]
+    fn the_topic_pattern_escapes_the_prefix() {
+        assert_eq!(regex_escape("shop.v2"), "shop\\.v2");
+    }
+}

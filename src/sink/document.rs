@@ -1,0 +1,777 @@
+//! From a change event to an Elasticsearch document: its `_id` and its body. Pure functions.
+//!
+//! # Document ids
+//!
+//! The `_id` comes from the Kafka record key, which is the primary key as a JSON object in key
+//! order (`{"shop":1,"sku":"a"}`):
+//!
+//! - one key column: the value's text — a string as is, a number as its digits, a boolean as
+//!   `true`/`false` (`{"id":42}` → `42`, `{"code":"a-1"}` → `a-1`);
+//! - several key columns: the values as a compact JSON array in key order
+//!   (`{"shop":1,"sku":"a"}` → `[1,"a"]`).
+//!
+//! Every table has exactly one key shape, so the ids within one index are all plain texts or all
+//! JSON arrays, and JSON arrays are unambiguous: two different keys never share an id.
+//!
+//! Elasticsearch limits `_id` to 512 bytes. A longer id is replaced by `sha256:` followed by the
+//! 64 hex digits of the SHA-256 of the full id text. SHA-256 is collision-resistant, so hashed ids
+//! stay unique in practice; a natural key that itself reads `sha256:<64 hex digits>` would have
+//! to be a preimage of another key's hash to collide.
+//!
+//! Null key values, nested objects or arrays, an empty string id and the empty key object `{}`
+//! (the key of a truncate event, never a document) are errors.
+//!
+//! # Document bodies
+//!
+//! A body is the event's row image shaped by the table's configuration (`include_columns`, then
+//! `exclude_columns`, then `rename`) plus the metadata object under [`METADATA_FIELD`]:
+//!
+//! ```json
+//! {"id": 1, "title": "x",
+//!  "walsync": {"commit_lsn": 83886080, "lsn": 83885952, "op": "u", "deleted": false,
+//!              "tx_id": 742, "source_ts_ms": 1700000000000}}
+//! ```
+//!
+//! `commit_lsn` is the document's external version, stored again as a queryable `long`
+//! (`_version` cannot be queried; truncates delete by it, design invariant 5). A table field that
+//! would be named `walsync` collides with the metadata and is refused: rename the column with
+//! `tables."schema.table".rename`.
+//!
+//! A body is never written from a guess (design invariant 6): an event whose unchanged TOAST
+//! columns survive the shaping is refused until the caller has filled them in.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+
+use crate::event::{Envelope, EnvelopeOp};
+use crate::shell::config::TableConfig;
+
+/// The field of every document that holds walsync's metadata.
+pub const METADATA_FIELD: &str = "walsync";
+
+/// The path of the stored commit LSN, for queries (truncates) and mappings.
+pub const COMMIT_LSN_PATH: &str = "walsync.commit_lsn";
+
+/// The path of the soft-tombstone flag, for queries that hide deleted documents.
+pub const DELETED_PATH: &str = "walsync.deleted";
+
+/// Elasticsearch refuses an `_id` longer than this many bytes.
+pub const MAX_ID_BYTES: usize = 512;
+
+const HASHED_ID_PREFIX: &str = "sha256:";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DocumentError {
+    #[error("the record key is not valid JSON: {0}")]
+    KeyNotJson(#[source] serde_json::Error),
+    #[error("the record key is not a JSON object: {0}")]
+    KeyNotObject(String),
+    #[error(
+        "the record key is the empty object {{}}: that is a truncate event's key, not a document's"
+    )]
+    EmptyKey,
+    #[error("key column {column} is null; key columns must be NOT NULL")]
+    NullKeyValue { column: String },
+    #[error("key column {column} holds a nested object or array, which cannot form an id")]
+    NestedKeyValue { column: String },
+    #[error(
+        "the key's only column {column} is an empty string; Elasticsearch refuses an empty _id"
+    )]
+    EmptyId { column: String },
+    #[error(
+        "table {table}: the field name \"{METADATA_FIELD}\" is reserved for walsync's metadata; rename column {column} via tables.\"{table}\".rename = {{ {column} = \"another_name\" }}"
+    )]
+    MetadataFieldCollision { table: String, column: String },
+    #[error(
+        "table {table}: columns {first} and {second} would both become field {field}; fix tables.\"{table}\".rename"
+    )]
+    FieldCollision {
+        table: String,
+        field: String,
+        first: String,
+        second: String,
+    },
+    #[error("table {table}: tables.\"{table}\".rename gives column {column} an empty field name")]
+    EmptyFieldName { table: String, column: String },
+    #[error(
+        "a {op} event has no document body (only c, u and r events carry a row image to index)"
+    )]
+    NotAnUpsert { op: &'static str },
+    #[error("a {op} event arrived without an `after` image")]
+    MissingAfter { op: &'static str },
+    #[error("a delete event is needed for a soft tombstone, got op {op}")]
+    NotADelete { op: &'static str },
+    #[error(
+        "unchanged TOAST columns {columns:?} have no value yet; fill them (old tuple, stored document or a re-read by primary key) before writing the document"
+    )]
+    UnfilledToastColumns { columns: Vec<String> },
+}
+
+/// The `_id` of the document a record key stands for. See the module documentation.
+pub fn document_id(key_json: &[u8]) -> Result<String, DocumentError> {
+    let key: Map<String, Value> = parse_key(key_json)?;
+    let id = match key.len() {
+        0 => return Err(DocumentError::EmptyKey),
+        1 => single_column_id(&key)?,
+        _ => composite_id(&key)?,
+    };
+    Ok(bounded_id(id))
+}
+
+/// Parses a record key: a JSON object of the key columns, in key order.
+fn parse_key(key_json: &[u8]) -> Result<Map<String, Value>, DocumentError> {
+    match serde_json::from_slice::<Value>(key_json).map_err(DocumentError::KeyNotJson)? {
+        Value::Object(key) => Ok(key),
+        other => Err(DocumentError::KeyNotObject(other.to_string())),
+    }
+}
+
+fn single_column_id(key: &Map<String, Value>) -> Result<String, DocumentError> {
+    let mut columns = key.iter();
+    let Some((column, value)) = columns.next() else {
+        return Err(DocumentError::EmptyKey);
+    };
+    check_key_value(column, value)?;
+    let id = match value {
+        Value::String(text) => text.clone(),
+        scalar => scalar.to_string(),
+    };
+    if id.is_empty() {
+        return Err(DocumentError::EmptyId {
+            column: column.clone(),
+        });
+    }
+    Ok(id)
+}
+
+fn composite_id(key: &Map<String, Value>) -> Result<String, DocumentError> {
+    for (column, value) in key {
+        check_key_value(column, value)?;
+    }
+    let values: Vec<&Value> = key.values().collect();
+    // Serializing scalars into a String cannot fail.
+    Ok(serde_json::to_string(&values).unwrap_or_default())
+}
+
+/// Only scalars form ids: a null would make different rows share one, and nested values have
+/// no canonical text.
+fn check_key_value(column: &str, value: &Value) -> Result<(), DocumentError> {
+    match value {
+        Value::Null => Err(DocumentError::NullKeyValue {
+            column: column.to_owned(),
+        }),
+        Value::Array(_) | Value::Object(_) => Err(DocumentError::NestedKeyValue {
+            column: column.to_owned(),
+        }),
+        Value::Bool(_) | Value::Number(_) | Value::String(_) => Ok(()),
+    }
+}
+
+/// Keeps an id within Elasticsearch's limit by hashing it when it is too long.
+fn bounded_id(id: String) -> String {
+    if id.len() <= MAX_ID_BYTES {
+        return id;
+    }
+    let digest = Sha256::digest(id.as_bytes());
+    let mut hashed = String::with_capacity(HASHED_ID_PREFIX.len() + 64);
+    hashed.push_str(HASHED_ID_PREFIX);
+    for byte in digest.iter() {
+        // Writing to a String cannot fail.
+        let _ = write!(hashed, "{byte:02x}");
+    }
+    hashed
+}
+
+/// How a table's rows become documents: which columns are kept and what their fields are
+/// called. Built once per table from its configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocumentShape {
+    table: String,
+    /// Empty means every column.
+    include: BTreeSet<String>,
+    exclude: BTreeSet<String>,
+    rename: BTreeMap<String, String>,
+}
+
+impl DocumentShape {
+    /// The shape of table `table` (`schema.table`, used in error messages). Refuses
+    /// configurations that would make two columns share a field or touch the metadata field;
+    /// collisions with columns the configuration does not name are caught per row by
+    /// [`DocumentShape::apply`].
+    pub fn new(table: &str, config: &TableConfig) -> Result<Self, DocumentError> {
+        let shape = Self {
+            table: table.to_owned(),
+            include: config.include_columns.iter().cloned().collect(),
+            exclude: config.exclude_columns.iter().cloned().collect(),
+            rename: config.rename.clone(),
+        };
+        shape.check_configured_fields()?;
+        Ok(shape)
+    }
+
+    /// Checks the field names that the configuration alone determines.
+    fn check_configured_fields(&self) -> Result<(), DocumentError> {
+        let mut fields: BTreeMap<&str, &str> = BTreeMap::new();
+        let named_columns = self.include.iter().chain(self.rename.keys());
+        for column in named_columns.filter(|column| self.keeps(column)) {
+            let field = self.field_name(column);
+            self.check_field(column, field)?;
+            match fields.insert(field, column) {
+                Some(first) if first != column => {
+                    return Err(self.field_collision(field, first, column));
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a column reaches the document.
+    pub fn keeps(&self, column: &str) -> bool {
+        (self.include.is_empty() || self.include.contains(column)) && !self.exclude.contains(column)
+    }
+
+    /// The document field a kept column is written to.
+    pub fn field_name<'a>(&'a self, column: &'a str) -> &'a str {
+        self.rename.get(column).map_or(column, String::as_str)
+    }
+
+    /// The row as document fields: unkept columns dropped, renamed columns renamed. Errors when
+    /// a field would be named [`METADATA_FIELD`] or two columns would share one field.
+    pub fn apply(&self, row: Map<String, Value>) -> Result<Map<String, Value>, DocumentError> {
+        let mut document = Map::with_capacity(row.len() + 1);
+        let mut sources: BTreeMap<String, String> = BTreeMap::new();
+        for (column, value) in row {
+            if !self.keeps(&column) {
+                continue;
+            }
+            let field = self.field_name(&column).to_owned();
+            self.check_field(&column, &field)?;
+            if let Some(first) = sources.insert(field.clone(), column.clone()) {
+                return Err(self.field_collision(&field, &first, &column));
+            }
+            document.insert(field, value);
+        }
+        Ok(document)
+    }
+
+    /// The unchanged TOAST columns of an event that this shape keeps: the values the caller
+    /// must fill in before [`document_body`] accepts the event. Excluded columns need no value.
+    pub fn unfilled_columns<'e>(&self, envelope: &'e Envelope) -> Vec<&'e str> {
+        envelope
+            .unchanged_toast_columns
+            .iter()
+            .map(String::as_str)
+            .filter(|column| self.keeps(column))
+            .collect()
+    }
+
+    fn check_field(&self, column: &str, field: &str) -> Result<(), DocumentError> {
+        if field == METADATA_FIELD {
+            return Err(DocumentError::MetadataFieldCollision {
+                table: self.table.clone(),
+                column: column.to_owned(),
+            });
+        }
+        if field.is_empty() {
+            return Err(DocumentError::EmptyFieldName {
+                table: self.table.clone(),
+                column: column.to_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    fn field_collision(&self, field: &str, first: &str, second: &str) -> DocumentError {
+        DocumentError::FieldCollision {
+            table: self.table.clone(),
+            field: field.to_owned(),
+            first: first.to_owned(),
+            second: second.to_owned(),
+        }
+    }
+}
+
+/// The metadata object every document carries under [`METADATA_FIELD`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct DocumentMetadata {
+    /// The document's version: the commit LSN of the transaction (snapshot rows: `cp − 1`).
+    pub commit_lsn: u64,
+    /// The LSN of the change record itself.
+    pub lsn: u64,
+    /// `c`, `u`, `r` or `d`.
+    pub op: &'static str,
+    /// A soft tombstone: the row was deleted.
+    pub deleted: bool,
+    pub tx_id: u64,
+    /// The commit time in PostgreSQL, in milliseconds since the epoch.
+    pub source_ts_ms: i64,
+}
+
+impl DocumentMetadata {
+    pub fn of(envelope: &Envelope) -> Self {
+        let source = &envelope.source;
+        Self {
+            commit_lsn: source.commit_lsn,
+            lsn: source.lsn,
+            op: envelope.op.code(),
+            deleted: envelope.op == EnvelopeOp::Delete,
+            tx_id: source.tx_id,
+            source_ts_ms: source.ts_ms,
+        }
+    }
+
+    /// The mapping of the metadata object, for the indices walsync creates. `commit_lsn` must
+    /// be a `long`: truncates delete by it.
+    pub fn mapping() -> Value {
+        serde_json::json!({
+            "properties": {
+                "commit_lsn": {"type": "long"},
+                "lsn": {"type": "long"},
+                "op": {"type": "keyword"},
+                "deleted": {"type": "boolean"},
+                "tx_id": {"type": "long"},
+                "source_ts_ms": {"type": "long"}
+            }
+        })
+    }
+
+    fn to_value(self) -> Value {
+        // A struct of numbers, booleans and a static string always serializes.
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+/// The body of the document a create, update or snapshot-read event writes: the shaped
+/// `after` image plus the metadata. Refuses events whose kept unchanged TOAST columns are not
+/// filled in yet.
+pub fn document_body(shape: &DocumentShape, envelope: &Envelope) -> Result<Vec<u8>, DocumentError> {
+    let op = envelope.op;
+    if !matches!(
+        op,
+        EnvelopeOp::Create | EnvelopeOp::Update | EnvelopeOp::Read
+    ) {
+        return Err(DocumentError::NotAnUpsert { op: op.code() });
+    }
+    let unfilled = shape.unfilled_columns(envelope);
+    if !unfilled.is_empty() {
+        return Err(DocumentError::UnfilledToastColumns {
+            columns: unfilled.into_iter().map(str::to_owned).collect(),
+        });
+    }
+    let after = envelope
+        .after
+        .clone()
+        .ok_or(DocumentError::MissingAfter { op: op.code() })?;
+    let document = shape.apply(after)?;
+    Ok(with_metadata(document, DocumentMetadata::of(envelope)))
+}
+
+/// The body of a soft tombstone for a delete event: the shaped key columns plus the metadata
+/// with `deleted: true`. The key columns come from the record key (the same values as the
+/// delete's `before` image, whatever the table's replica identity), so a tombstone never keeps
+/// the rest of a deleted row.
+pub fn soft_tombstone_body(
+    shape: &DocumentShape,
+    key_json: &[u8],
+    envelope: &Envelope,
+) -> Result<Vec<u8>, DocumentError> {
+    if envelope.op != EnvelopeOp::Delete {
+        return Err(DocumentError::NotADelete {
+            op: envelope.op.code(),
+        });
+    }
+    let key = parse_key(key_json)?;
+    let document = shape.apply(key)?;
+    Ok(with_metadata(document, DocumentMetadata::of(envelope)))
+}
+
+fn with_metadata(mut document: Map<String, Value>, metadata: DocumentMetadata) -> Vec<u8> {
+    document.insert(METADATA_FIELD.to_owned(), metadata.to_value());
+    // A map of JSON values always serializes.
+    serde_json::to_vec(&document).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn envelope(op: &str, before: Value, after: Value) -> Envelope {
+        let value = json!({
+            "before": before,
+            "after": after,
+            "op": op,
+            "ts_ms": 5,
+            "source": {
+                "version": "0.1.0", "connector": "walsync", "name": "shop", "db": "shop",
+                "schema": "public", "table": "products", "txId": 742, "lsn": 4000,
+                "commit_lsn": 4096, "ts_ms": 1_700_000_000_000_i64, "snapshot": "false",
+                "system_id": "73", "timeline": 1
+            }
+        });
+        Envelope::parse(&serde_json::to_vec(&value).unwrap()).unwrap()
+    }
+
+    fn shape(config: TableConfig) -> DocumentShape {
+        DocumentShape::new("public.products", &config).unwrap()
+    }
+
+    fn parse(body: &[u8]) -> Value {
+        serde_json::from_slice(body).unwrap()
+    }
+
+    #[test]
+    fn a_single_column_key_is_its_plain_text() {
+        assert_eq!(document_id(br#"{"id":42}"#).unwrap(), "42");
+        assert_eq!(document_id(br#"{"id":-7}"#).unwrap(), "-7");
+        assert_eq!(document_id(br#"{"code":"a-1"}"#).unwrap(), "a-1");
+        assert_eq!(document_id(br#"{"flag":true}"#).unwrap(), "true");
+        assert_eq!(
+            document_id(br#"{"id":"550e8400-e29b-41d4-a716-446655440000"}"#).unwrap(),
+            "550e8400-e29b-41d4-a716-446655440000"
+        );
+        assert_eq!(document_id(br#"{"name":"qu\"ote"}"#).unwrap(), "qu\"ote");
+    }
+
+    #[test]
+    fn a_composite_key_is_a_compact_json_array_in_key_order() {
+        assert_eq!(
+            document_id(br#"{"shop":1,"sku":"a"}"#).unwrap(),
+            r#"[1,"a"]"#
+        );
+        assert_eq!(
+            document_id(br#"{"sku":"a","shop":1}"#).unwrap(),
+            r#"["a",1]"#,
+            "key order is the record key's order, not alphabetical"
+        );
+        assert_ne!(
+            document_id(br#"{"a":"1,2","b":"3"}"#).unwrap(),
+            document_id(br#"{"a":"1","b":"2,3"}"#).unwrap(),
+            "separators inside values cannot make two keys collide"
+        );
+    }
+
+    #[test]
+    fn ids_longer_than_512_bytes_are_hashed_and_stay_distinct() {
+        let exactly_512 = "x".repeat(512);
+        let key = json!({ "id": exactly_512 }).to_string();
+        assert_eq!(document_id(key.as_bytes()).unwrap(), exactly_512);
+
+        let long_a = json!({ "id": "a".repeat(600) }).to_string();
+        let long_b = json!({ "id": "b".repeat(600) }).to_string();
+        let id_a = document_id(long_a.as_bytes()).unwrap();
+        let id_b = document_id(long_b.as_bytes()).unwrap();
+        assert!(id_a.starts_with("sha256:"), "{id_a}");
+        assert_eq!(id_a.len(), "sha256:".len() + 64);
+        assert!(
+            id_a["sha256:".len()..]
+                .chars()
+                .all(|c| c.is_ascii_hexdigit())
+        );
+        assert_ne!(id_a, id_b);
+        assert_eq!(
+            id_a,
+            document_id(long_a.as_bytes()).unwrap(),
+            "deterministic"
+        );
+    }
+
+    #[test]
+    fn the_hash_is_sha256_of_the_full_id_text() {
+        // SHA-256("abc"), the FIPS 180-2 test vector, checks the digest and the hex formatting.
+        let expected = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
+        let digest = Sha256::digest(b"abc");
+        let hex: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
+        assert_eq!(hex, expected);
+        let long = "é".repeat(300); // 600 bytes, 300 characters: the limit counts bytes
+        let id = document_id(json!({ "id": long }).to_string().as_bytes()).unwrap();
+        let full: String = Sha256::digest(long.as_bytes())
+            .iter()
+            .map(|byte| format!("{byte:02x}"))
+            .collect();
+        assert_eq!(id, format!("sha256:{full}"));
+    }
+
+    #[test]
+    fn keys_that_cannot_form_an_id_are_errors() {
+        assert!(matches!(document_id(b"{}"), Err(DocumentError::EmptyKey)));
+        assert!(matches!(
+            document_id(br#"{"id":null}"#),
+            Err(DocumentError::NullKeyValue { column }) if column == "id"
+        ));
+        assert!(matches!(
+            document_id(br#"{"a":1,"b":null}"#),
+            Err(DocumentError::NullKeyValue { column }) if column == "b"
+        ));
+        assert!(matches!(
+            document_id(br#"{"id":{"x":1}}"#),
+            Err(DocumentError::NestedKeyValue { .. })
+        ));
+        assert!(matches!(
+            document_id(br#"{"a":1,"b":[1,2]}"#),
+            Err(DocumentError::NestedKeyValue { .. })
+        ));
+        assert!(matches!(
+            document_id(br#"{"code":""}"#),
+            Err(DocumentError::EmptyId { .. })
+        ));
+        assert!(matches!(
+            document_id(b"[1]"),
+            Err(DocumentError::KeyNotObject(_))
+        ));
+        assert!(matches!(
+            document_id(b"not json"),
+            Err(DocumentError::KeyNotJson(_))
+        ));
+    }
+
+    #[test]
+    fn the_shape_includes_then_excludes_then_renames() {
+        let shape = shape(TableConfig {
+            include_columns: vec!["id".into(), "title".into(), "secret".into()],
+            exclude_columns: vec!["secret".into()],
+            rename: [("title".to_owned(), "name".to_owned())].into(),
+            ..TableConfig::default()
+        });
+        let row = json!({"id": 1, "title": "x", "secret": "s", "price": 3});
+        let Value::Object(row) = row else {
+            unreachable!()
+        };
+        let document = shape.apply(row).unwrap();
+        assert_eq!(Value::Object(document), json!({"id": 1, "name": "x"}));
+    }
+
+    #[test]
+    fn an_empty_configuration_keeps_every_column_in_order() {
+        let shape = shape(TableConfig::default());
+        let Value::Object(row) = json!({"b": 1, "a": null, "c": [1]}) else {
+            unreachable!()
+        };
+        let document = shape.apply(row.clone()).unwrap();
+        assert_eq!(document, row);
+        assert_eq!(
+            document.keys().collect::<Vec<_>>(),
+            ["b", "a", "c"],
+            "column order is kept"
+        );
+    }
+
+    #[test]
+    fn a_column_named_like_the_metadata_field_must_be_renamed() {
+        let unconfigured = shape(TableConfig::default());
+        let Value::Object(row) = json!({"id": 1, "walsync": "x"}) else {
+            unreachable!()
+        };
+        let error = unconfigured.apply(row.clone()).unwrap_err();
+        assert!(
+            error
+                .to_string()
+                .contains("tables.\"public.products\".rename"),
+            "{error}"
+        );
+
+        let renamed = shape(TableConfig {
+            rename: [("walsync".to_owned(), "walsync_column".to_owned())].into(),
+            ..TableConfig::default()
+        });
+        let document = renamed.apply(row.clone()).unwrap();
+        assert_eq!(document["walsync_column"], "x");
+
+        let excluded = shape(TableConfig {
+            exclude_columns: vec!["walsync".into()],
+            ..TableConfig::default()
+        });
+        assert!(!excluded.apply(row).unwrap().contains_key("walsync"));
+    }
+
+    #[test]
+    fn configurations_that_collide_are_refused_up_front() {
+        let into_metadata = TableConfig {
+            rename: [("note".to_owned(), "walsync".to_owned())].into(),
+            ..TableConfig::default()
+        };
+        assert!(matches!(
+            DocumentShape::new("public.t", &into_metadata),
+            Err(DocumentError::MetadataFieldCollision { .. })
+        ));
+        let included_metadata = TableConfig {
+            include_columns: vec!["walsync".into()],
+            ..TableConfig::default()
+        };
+        let error = DocumentShape::new("public.t", &included_metadata).unwrap_err();
+        assert!(error.to_string().contains("tables.\"public.t\".rename"));
+        let two_into_one = TableConfig {
+            rename: [
+                ("a".to_owned(), "same".to_owned()),
+                ("b".to_owned(), "same".to_owned()),
+            ]
+            .into(),
+            ..TableConfig::default()
+        };
+        assert!(matches!(
+            DocumentShape::new("public.t", &two_into_one),
+            Err(DocumentError::FieldCollision { .. })
+        ));
+        let onto_included = TableConfig {
+            include_columns: vec!["a".into(), "b".into()],
+            rename: [("a".to_owned(), "b".to_owned())].into(),
+            ..TableConfig::default()
+        };
+        assert!(matches!(
+            DocumentShape::new("public.t", &onto_included),
+            Err(DocumentError::FieldCollision { .. })
+        ));
+        let empty_name = TableConfig {
+            rename: [("a".to_owned(), String::new())].into(),
+            ..TableConfig::default()
+        };
+        assert!(matches!(
+            DocumentShape::new("public.t", &empty_name),
+            Err(DocumentError::EmptyFieldName { .. })
+        ));
+    }
+
+    #[test]
+    fn a_rename_onto_an_unconfigured_column_is_caught_per_row() {
+        let shape = shape(TableConfig {
+            rename: [("a".to_owned(), "b".to_owned())].into(),
+            ..TableConfig::default()
+        });
+        let Value::Object(row) = json!({"a": 1, "b": 2}) else {
+            unreachable!()
+        };
+        assert!(matches!(
+            shape.apply(row),
+            Err(DocumentError::FieldCollision { field, .. }) if field == "b"
+        ));
+    }
+
+    #[test]
+    fn a_document_body_is_the_shaped_after_image_plus_metadata() {
+        let shape = shape(TableConfig {
+            exclude_columns: vec!["secret".into()],
+            ..TableConfig::default()
+        });
+        let event = envelope(
+            "u",
+            Value::Null,
+            json!({"id": 1, "title": "x", "secret": "s"}),
+        );
+        let body = parse(&document_body(&shape, &event).unwrap());
+        assert_eq!(
+            body,
+            json!({
+                "id": 1,
+                "title": "x",
+                "walsync": {
+                    "commit_lsn": 4096, "lsn": 4000, "op": "u", "deleted": false,
+                    "tx_id": 742, "source_ts_ms": 1_700_000_000_000_i64
+                }
+            })
+        );
+        for (op, code) in [("c", "c"), ("r", "r")] {
+            let event = envelope(op, Value::Null, json!({"id": 1}));
+            let body = parse(&document_body(&shape, &event).unwrap());
+            assert_eq!(body[METADATA_FIELD]["op"], code);
+        }
+    }
+
+    #[test]
+    fn a_document_body_is_a_single_ndjson_line() {
+        let shape = shape(TableConfig::default());
+        let event = envelope("c", Value::Null, json!({"id": 1, "note": "two\nlines"}));
+        let body = document_body(&shape, &event).unwrap();
+        assert!(!body.contains(&b'\n'));
+    }
+
+    #[test]
+    fn unfilled_toast_columns_are_refused_unless_excluded() {
+        let mut event = envelope("u", Value::Null, json!({"id": 1}));
+        event.unchanged_toast_columns = vec!["description".into()];
+        let keeps_everything = shape(TableConfig::default());
+        assert!(matches!(
+            document_body(&keeps_everything, &event),
+            Err(DocumentError::UnfilledToastColumns { columns }) if columns == ["description"]
+        ));
+        assert_eq!(keeps_everything.unfilled_columns(&event), ["description"]);
+
+        let excludes_it = shape(TableConfig {
+            exclude_columns: vec!["description".into()],
+            ..TableConfig::default()
+        });
+        assert!(excludes_it.unfilled_columns(&event).is_empty());
+        let body = parse(&document_body(&excludes_it, &event).unwrap());
+        assert!(body.get("description").is_none());
+    }
+
+    #[test]
+    fn deletes_and_truncates_have_no_document_body() {
+        let shape = shape(TableConfig::default());
+        let delete = envelope("d", json!({"id": 1}), Value::Null);
+        assert!(matches!(
+            document_body(&shape, &delete),
+            Err(DocumentError::NotAnUpsert { op: "d" })
+        ));
+        let truncate = envelope("t", Value::Null, Value::Null);
+        assert!(matches!(
+            document_body(&shape, &truncate),
+            Err(DocumentError::NotAnUpsert { op: "t" })
+        ));
+        let no_after = envelope("u", Value::Null, Value::Null);
+        assert!(matches!(
+            document_body(&shape, &no_after),
+            Err(DocumentError::MissingAfter { .. })
+        ));
+    }
+
+    #[test]
+    fn a_soft_tombstone_keeps_only_the_shaped_key_and_marks_deleted() {
+        let shape = shape(TableConfig {
+            rename: [("sku".to_owned(), "article".to_owned())].into(),
+            ..TableConfig::default()
+        });
+        // REPLICA IDENTITY FULL: `before` carries the whole row; the tombstone keeps the key.
+        let delete = envelope(
+            "d",
+            json!({"shop": 1, "sku": "a", "description": "long"}),
+            Value::Null,
+        );
+        let body = soft_tombstone_body(&shape, br#"{"shop":1,"sku":"a"}"#, &delete).unwrap();
+        assert_eq!(
+            parse(&body),
+            json!({
+                "shop": 1,
+                "article": "a",
+                "walsync": {
+                    "commit_lsn": 4096, "lsn": 4000, "op": "d", "deleted": true,
+                    "tx_id": 742, "source_ts_ms": 1_700_000_000_000_i64
+                }
+            })
+        );
+        let update = envelope("u", Value::Null, json!({"shop": 1, "sku": "a"}));
+        assert!(matches!(
+            soft_tombstone_body(&shape, br#"{"shop":1,"sku":"a"}"#, &update),
+            Err(DocumentError::NotADelete { op: "u" })
+        ));
+    }
+
+    #[test]
+    fn the_metadata_mapping_covers_every_metadata_field() {
+        let event = envelope("c", Value::Null, json!({"id": 1}));
+        let Value::Object(metadata) = DocumentMetadata::of(&event).to_value() else {
+            panic!("metadata is an object")
+        };
+        let mapping = DocumentMetadata::mapping();
+        for field in metadata.keys() {
+            assert!(mapping["properties"].get(field).is_some(), "{field}");
+        }
+        assert_eq!(mapping["properties"]["commit_lsn"]["type"], "long");
+        assert_eq!(COMMIT_LSN_PATH, format!("{METADATA_FIELD}.commit_lsn"));
+        assert_eq!(DELETED_PATH, format!("{METADATA_FIELD}.deleted"));
+    }
+}
