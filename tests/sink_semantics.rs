@@ -1,0 +1,454 @@
+//! The sink's versioning and error rules, with events written straight into Kafka so the test
+//! controls their order and versions, plus TOAST and throttling through the whole pipeline.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use common::kafka::topic_size;
+use common::pipeline::{RunningPipeline, pipeline_config, search_client, wait_equal};
+use common::source::{drop_slot, name, sql};
+use common::{stack, wait_for};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::watch;
+use walsync::shell::config::{Config, DeleteMode};
+use walsync::sink::apply::{Sink, SinkStats};
+use walsync::sink::index::{ensure_index, refresh};
+
+const SYSTEM_ID: &str = "7000000000000000001";
+
+/// A sink configuration reading `<name>.public.items`.
+fn sink_config(name: &str) -> Config {
+    let mut config = pipeline_config(name, &[]);
+    config.sink.linger_ms = 5;
+    config
+}
+
+async fn create_topic(config: &Config) -> String {
+    let topic = format!("{}.public.items", config.kafka.topic_prefix);
+    walsync::kafka::topics::ensure_topics(&config.kafka, std::slice::from_ref(&topic))
+        .await
+        .expect("create the topic");
+    topic
+}
+
+fn envelope(op: &str, id: i64, note: Option<&str>, commit_lsn: u64) -> Value {
+    let image = note.map(|note| json!({"id": id, "note": note}));
+    json!({
+        "before": if op == "d" { json!({"id": id}) } else { Value::Null },
+        "after": if op == "d" { Value::Null } else { image.unwrap_or(Value::Null) },
+        "op": op,
+        "ts_ms": 0,
+        "source": {"version": "test", "connector": "walsync", "name": "t", "db": "walsync",
+                   "schema": "public", "table": "items", "txId": 1, "lsn": commit_lsn,
+                   "commit_lsn": commit_lsn, "ts_ms": 0, "snapshot": "false",
+                   "system_id": SYSTEM_ID, "timeline": 1}
+    })
+}
+
+/// Writes events in order (same key → same partition, so this is their partition order).
+async fn produce(topic: &str, events: &[Value]) {
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &stack().kafka_brokers)
+        .create()
+        .expect("producer");
+    for event in events {
+        let key = json!({"id": event["after"]["id"].as_i64().or(event["before"]["id"].as_i64())})
+            .to_string();
+        let value = event.to_string();
+        producer
+            .send(
+                FutureRecord::to(topic).key(&key).payload(&value),
+                Duration::from_secs(30),
+            )
+            .await
+            .map_err(|(error, _)| error)
+            .expect("produce");
+    }
+}
+
+struct RunningSink {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    stats: Arc<SinkStats>,
+}
+
+impl RunningSink {
+    async fn start(config: Config) -> Self {
+        let sink = Sink::new(config).await.expect("create the sink");
+        let stats = Arc::clone(&sink.stats);
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(async move { sink.run(stopped).await });
+        Self { stop, task, stats }
+    }
+
+    async fn wait_processed(&self, events: u64) {
+        let stats = Arc::clone(&self.stats);
+        wait_for(
+            "the sink to process the events",
+            Duration::from_secs(60),
+            || {
+                let seen = stats.indexed.load(Ordering::Relaxed)
+                    + stats.deleted.load(Ordering::Relaxed)
+                    + stats.stale.load(Ordering::Relaxed)
+                    + stats.dead_lettered.load(Ordering::Relaxed);
+                async move { (seen >= events).then_some(()) }
+            },
+        )
+        .await;
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        self.task.await.expect("no panic")
+    }
+}
+
+async fn stored(alias: &str, id: i64) -> Option<Value> {
+    let client = search_client();
+    refresh(&client, alias).await.expect("refresh");
+    let response = client
+        .get(elasticsearch::GetParts::IndexId(alias, &id.to_string()))
+        .send()
+        .await
+        .expect("get");
+    let document: Value = response.json().await.expect("json");
+    (document["found"] == json!(true)).then(|| document["_source"].clone())
+}
+
+fn alias(config: &Config) -> String {
+    format!("{}public.items", config.elasticsearch.index_prefix)
+}
+
+#[tokio::test]
+async fn an_older_version_after_a_newer_one_is_rejected_and_counted() {
+    let config = sink_config(&name("sink_order"));
+    let topic = create_topic(&config).await;
+    produce(
+        &topic,
+        &[
+            envelope("c", 1, Some("newer"), 200),
+            envelope("u", 1, Some("older"), 100),
+        ],
+    )
+    .await;
+    let sink = RunningSink::start(config.clone()).await;
+    sink.wait_processed(2).await;
+    let stale = sink.stats.stale.load(Ordering::Relaxed);
+    sink.stop().await.expect("clean stop");
+    assert_eq!(stored(&alias(&config), 1).await.unwrap()["note"], "newer");
+    // Both events may share a bulk (collapsed to the newer one) or not (the older is a conflict).
+    assert!(stale <= 1);
+}
+
+#[tokio::test]
+async fn a_stale_insert_after_a_delete_does_not_bring_the_document_back() {
+    let config = sink_config(&name("sink_resurrect_hard"));
+    let topic = create_topic(&config).await;
+    let sink = RunningSink::start(config.clone()).await;
+    produce(
+        &topic,
+        &[
+            envelope("c", 1, Some("x"), 100),
+            envelope("d", 1, None, 300),
+        ],
+    )
+    .await;
+    sink.wait_processed(2).await;
+    produce(&topic, &[envelope("c", 1, Some("stale"), 200)]).await;
+    sink.wait_processed(3).await;
+    assert_eq!(
+        sink.stats.stale.load(Ordering::Relaxed),
+        1,
+        "the stale insert is a conflict"
+    );
+    sink.stop().await.expect("clean stop");
+    assert_eq!(stored(&alias(&config), 1).await, None);
+}
+
+#[tokio::test]
+async fn soft_deletes_keep_stale_inserts_out_even_after_gc_deletes() {
+    let mut config = sink_config(&name("sink_resurrect_soft"));
+    config.elasticsearch.delete_mode = DeleteMode::Soft;
+    config.elasticsearch.gc_deletes = "1s".into();
+    let topic = create_topic(&config).await;
+    let sink = RunningSink::start(config.clone()).await;
+    produce(
+        &topic,
+        &[
+            envelope("c", 1, Some("x"), 100),
+            envelope("d", 1, None, 300),
+        ],
+    )
+    .await;
+    sink.wait_processed(2).await;
+    // The scenario: the stale insert arrives long after gc_deletes has passed.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    produce(&topic, &[envelope("c", 1, Some("stale"), 200)]).await;
+    sink.wait_processed(3).await;
+    sink.stop().await.expect("clean stop");
+    let document = stored(&alias(&config), 1)
+        .await
+        .expect("the soft tombstone is kept");
+    assert_eq!(document["walsync"]["deleted"], true);
+    assert_eq!(document["walsync"]["commit_lsn"], 300);
+    assert!(
+        document.get("note").is_none(),
+        "the tombstone holds the key only"
+    );
+}
+
+#[tokio::test]
+async fn a_poison_document_goes_to_the_dlq_and_later_events_are_indexed() {
+    let config = sink_config(&name("sink_poison"));
+    let topic = create_topic(&config).await;
+    let mut poison = envelope("c", 2, Some("x"), 110);
+    poison["after"]["note"] = json!({"an": "object where a string was mapped"});
+    produce(
+        &topic,
+        &[
+            envelope("c", 1, Some("first"), 100),
+            poison,
+            envelope("c", 3, Some("after"), 120),
+        ],
+    )
+    .await;
+    let sink = RunningSink::start(config.clone()).await;
+    sink.wait_processed(3).await;
+    assert_eq!(sink.stats.dead_lettered.load(Ordering::Relaxed), 1);
+    sink.stop().await.expect("clean stop");
+    let dlq = format!("{}.dlq", config.kafka.topic_prefix);
+    let mut reason = None;
+    common::kafka::read_topic_until(&dlq, Duration::from_secs(30), |record| {
+        reason = record.headers.get("walsync.dlq.reason").cloned();
+        true
+    })
+    .await;
+    let reason = reason.expect("the reason header");
+    assert!(
+        reason.contains("mapping") || reason.contains("parsing"),
+        "{reason}"
+    );
+    assert_eq!(stored(&alias(&config), 3).await.unwrap()["note"], "after");
+}
+
+#[tokio::test]
+async fn a_burst_of_dead_letters_trips_the_breaker_instead_of_emptying_the_table_into_the_dlq() {
+    let mut config = sink_config(&name("sink_breaker"));
+    config.sink.dlq_breaker_per_minute = 3;
+    let topic = create_topic(&config).await;
+    let mut events = vec![envelope("c", 1, Some("string"), 100)];
+    for id in 2..12 {
+        let mut poison = envelope("c", id, Some("x"), 100 + id as u64);
+        poison["after"]["note"] = json!({"object": id});
+        events.push(poison);
+    }
+    produce(&topic, &events[..1]).await;
+    let sink = RunningSink::start(config.clone()).await;
+    sink.wait_processed(1).await;
+    produce(&topic, &events[1..]).await;
+    let error = tokio::time::timeout(Duration::from_secs(60), sink.task)
+        .await
+        .expect("the sink stops by itself")
+        .expect("no panic")
+        .expect_err("the breaker stops the sink");
+    assert!(
+        format!("{error:#}").contains("breaker tripped"),
+        "{error:#}"
+    );
+    assert!(topic_size(&format!("{}.dlq", config.kafka.topic_prefix)) <= 3);
+}
+
+#[tokio::test]
+async fn an_index_built_from_another_cluster_is_refused_with_the_recovery_steps() {
+    let config = sink_config(&name("sink_foreign"));
+    let topic = create_topic(&config).await;
+    ensure_index(
+        &search_client(),
+        &alias(&config),
+        "6999999999999999999",
+        None,
+        None,
+        "60s",
+    )
+    .await
+    .expect("an index from another cluster");
+    produce(&topic, &[envelope("c", 1, Some("x"), 100)]).await;
+    let sink = RunningSink::start(config).await;
+    let error = tokio::time::timeout(Duration::from_secs(60), sink.task)
+        .await
+        .expect("the sink stops by itself")
+        .expect("no panic")
+        .expect_err("the sink refuses");
+    let message = format!("{error:#}");
+    assert!(
+        message.contains("6999999999999999999") && message.contains(SYSTEM_ID),
+        "{message}"
+    );
+}
+
+#[tokio::test]
+async fn untouched_toast_values_survive_updates_and_key_changes_through_the_sink() {
+    let name = name("sink_toast");
+    let table = format!("public.{name}");
+    let client = sql().await;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id int PRIMARY KEY, big text, note text);
+             ALTER TABLE {table} ALTER COLUMN big SET STORAGE EXTERNAL;"
+        ))
+        .await
+        .expect("create table");
+    let config = pipeline_config(&name, &[&table]);
+    let pipeline = RunningPipeline::start(config.clone()).await;
+    let big = "(SELECT string_agg(md5(g::text), '') FROM generate_series(1, 400) g)";
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {table} VALUES (1, {big}, 'a'), (2, {big} || 'x', 'a')"
+        ))
+        .await
+        .unwrap();
+    wait_equal(&config, "public", &name, &["id"], Duration::from_secs(60)).await;
+    for statement in [
+        format!("UPDATE {table} SET note = 'b' WHERE id = 1"),
+        format!("UPDATE {table} SET id = 3 WHERE id = 2"),
+    ] {
+        client.batch_execute(&statement).await.expect(&statement);
+    }
+    // Equal field by field: `big` is in both documents, with the table's value.
+    wait_equal(&config, "public", &name, &["id"], Duration::from_secs(60)).await;
+    pipeline.stop().await;
+    drop_slot(&name).await;
+}
+
+/// A proxy to the search server that answers the first `throttled` bulk requests with 429.
+async fn throttling_proxy(throttled: usize) -> (String, Arc<AtomicUsize>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    let upstream = stack().es_url.trim_start_matches("http://").to_owned();
+    let rejected = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&rejected);
+    tokio::spawn(async move {
+        loop {
+            let Ok((client, _)) = listener.accept().await else {
+                return;
+            };
+            let upstream = upstream.clone();
+            let counter = Arc::clone(&counter);
+            tokio::spawn(async move {
+                let _ = proxy_connection(client, &upstream, &counter, throttled).await;
+            });
+        }
+    });
+    (address, rejected)
+}
+
+/// Serves one request per connection (answers with `Connection: close`).
+async fn proxy_connection(
+    mut client: tokio::net::TcpStream,
+    upstream: &str,
+    rejected: &AtomicUsize,
+    throttled: usize,
+) -> std::io::Result<()> {
+    let mut request = Vec::new();
+    let mut buffer = [0_u8; 65536];
+    let header_end = loop {
+        let read = client.read(&mut buffer).await?;
+        if read == 0 {
+            return Ok(());
+        }
+        request.extend_from_slice(&buffer[..read]);
+        if let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+            break end + 4;
+        }
+    };
+    let head = String::from_utf8_lossy(&request[..header_end]).to_lowercase();
+    let length: usize = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0);
+    while request.len() < header_end + length {
+        let read = client.read(&mut buffer).await?;
+        if read == 0 {
+            break;
+        }
+        request.extend_from_slice(&buffer[..read]);
+    }
+    if head.contains("/_bulk") && rejected.fetch_add(1, Ordering::SeqCst) < throttled {
+        let body = r#"{"error":{"type":"es_rejected_execution_exception","reason":"rejected"},"status":429}"#;
+        let response = format!(
+            "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        client.write_all(response.as_bytes()).await?;
+        return client.shutdown().await;
+    }
+    let head_text = String::from_utf8_lossy(&request[..header_end]).into_owned();
+    let mut rewritten: Vec<String> = head_text
+        .split("\r\n")
+        .filter(|line| !line.to_lowercase().starts_with("connection:"))
+        .map(str::to_owned)
+        .collect();
+    rewritten.retain(|line| !line.is_empty());
+    let mut forwarded = rewritten.join("\r\n").into_bytes();
+    forwarded.extend_from_slice(b"\r\nconnection: close\r\n\r\n");
+    forwarded.extend_from_slice(&request[header_end..]);
+    let mut server = tokio::net::TcpStream::connect(upstream).await?;
+    server.write_all(&forwarded).await?;
+    let mut response = Vec::new();
+    server.read_to_end(&mut response).await?;
+    client.write_all(&response).await?;
+    client.shutdown().await
+}
+
+#[tokio::test]
+async fn two_updates_in_one_transaction_end_as_the_second_even_when_bulks_are_throttled() {
+    let name = name("sink_429");
+    let table = format!("public.{name}");
+    let client = sql().await;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id int PRIMARY KEY, price int)"
+        ))
+        .await
+        .expect("create table");
+    let (proxy, rejected) = throttling_proxy(3).await;
+    let mut config = pipeline_config(&name, &[&table]);
+    config.elasticsearch.url = proxy;
+    config.sink.batch_max_docs = 1;
+    let pipeline = RunningPipeline::start(config.clone()).await;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {table} VALUES (1, 1);
+             BEGIN; UPDATE {table} SET price = 2 WHERE id = 1; UPDATE {table} SET price = 3 WHERE id = 1; COMMIT;"
+        ))
+        .await
+        .unwrap();
+    wait_equal(&config, "public", &name, &["id"], Duration::from_secs(120)).await;
+    assert!(
+        rejected.load(Ordering::SeqCst) >= 3,
+        "the proxy throttled bulks"
+    );
+    assert!(pipeline.stats.retries.load(Ordering::Relaxed) >= 3);
+    pipeline.stop().await;
+    let mut direct = config.clone();
+    direct.elasticsearch.url = stack().es_url.clone();
+    let alias = common::pipeline::alias_of(&direct, "public", &name);
+    let client = search_client();
+    refresh(&client, &alias).await.unwrap();
+    let document: Value = client
+        .get(elasticsearch::GetParts::IndexId(&alias, "1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(document["_source"]["price"], 3, "the second update wins");
+    drop_slot(&name).await;
+}
