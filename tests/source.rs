@@ -216,3 +216,83 @@ async fn a_slot_dropped_under_walsync_is_not_silently_recreated() {
     assert_eq!(source.stop().await, SourceExit::Drained);
     drop_slot(&name).await;
 }
+
+#[tokio::test]
+async fn the_publication_gains_configured_tables_and_keeps_others_unless_pruning() {
+    let name = name("src_pub");
+    let (a, b, other) = (
+        format!("public.{name}_a"),
+        format!("public.{name}_b"),
+        format!("public.{name}_o"),
+    );
+    let client = sql().await;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {a} (id int PRIMARY KEY); CREATE TABLE {b} (id int PRIMARY KEY);
+             CREATE TABLE {other} (id int PRIMARY KEY);
+             CREATE PUBLICATION {name}_pub FOR TABLE {a}, {other};"
+        ))
+        .await
+        .expect("create tables and a drifted publication");
+    let tables_of = |rows: Vec<tokio_postgres::Row>| -> Vec<String> {
+        let mut names: Vec<String> = rows.iter().map(|row| row.get::<_, String>(0)).collect();
+        names.sort();
+        names
+    };
+    let query =
+        "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1";
+    let publication = format!("{name}_pub");
+
+    let source = RunningSource::start(config_for(&name, &[&a, &b])).await;
+    assert_eq!(source.stop().await, SourceExit::Drained);
+    let mut expected = vec![a.clone(), b.clone(), other.clone()];
+    expected.sort();
+    assert_eq!(
+        tables_of(client.query(query, &[&publication]).await.unwrap()),
+        expected,
+        "added, nothing removed"
+    );
+
+    let mut pruning = config_for(&name, &[&a, &b]);
+    pruning.postgres.prune_publication = true;
+    let source = RunningSource::start(pruning).await;
+    assert_eq!(source.stop().await, SourceExit::Drained);
+    let mut expected = vec![a.clone(), b.clone()];
+    expected.sort();
+    assert_eq!(
+        tables_of(client.query(query, &[&publication]).await.unwrap()),
+        expected,
+        "pruned when told to"
+    );
+    drop_slot(&name).await;
+}
+
+#[tokio::test]
+async fn a_partitioned_table_publishes_through_its_root() {
+    let name = name("src_part");
+    let table = format!("public.{name}");
+    let client = sql().await;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id int, region text, PRIMARY KEY (id, region)) PARTITION BY LIST (region);
+             CREATE TABLE {table}_eu PARTITION OF {table} FOR VALUES IN ('eu');
+             CREATE TABLE {table}_us PARTITION OF {table} FOR VALUES IN ('us');"
+        ))
+        .await
+        .expect("create a partitioned table");
+    let source = RunningSource::start(config_for(&name, &[&table])).await;
+    client
+        .batch_execute(&format!("INSERT INTO {table} VALUES (1, 'eu'), (2, 'us')"))
+        .await
+        .unwrap();
+    let records = read_topic(&format!("{name}.public.{name}"), 2, Duration::from_secs(60)).await;
+    for record in &records {
+        assert_eq!(
+            value(record)["source"]["table"],
+            name.as_str(),
+            "events carry the root's name"
+        );
+    }
+    assert_eq!(source.stop().await, SourceExit::Drained);
+    drop_slot(&name).await;
+}
