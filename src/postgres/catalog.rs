@@ -294,39 +294,7 @@ impl Catalog {
 
     /// Every type that is not built in, as the codec needs to know it.
     pub async fn custom_types(&self) -> Result<Vec<(u32, TypeKind)>, tokio_postgres::Error> {
-        let rows = self
-            .client
-            .query(
-                "SELECT t.oid, t.typtype::text, t.typbasetype, t.typelem, coalesce(e.typdelim::text, ','),
-                        t.typcategory::text
-                 FROM pg_type t LEFT JOIN pg_type e ON e.oid = t.typelem
-",
-                &[],
-            )
-            .await?;
-        Ok(rows
-            .iter()
-            .map(|row| {
-                let oid: u32 = row.get(0);
-                let typtype = first_char(row.get(1));
-                let element: u32 = row.get(3);
-                let category = first_char(row.get(5));
-                let kind = match typtype {
-                    'e' => TypeKind::Enum,
-                    'd' => TypeKind::Domain {
-                        base_oid: row.get(2),
-                    },
-                    'c' => TypeKind::Composite,
-                    'r' | 'm' => TypeKind::Range,
-                    _ if category == 'A' && element != 0 => TypeKind::Array {
-                        element_oid: element,
-                        delimiter: first_char(row.get(4)) as u8,
-                    },
-                    _ => TypeKind::Other,
-                };
-                (oid, kind)
-            })
-            .collect())
+        custom_types_of(&self.client).await
     }
 }
 
@@ -347,4 +315,43 @@ where
 
 fn first_char(text: String) -> char {
     text.chars().next().unwrap_or('?')
+}
+
+/// Every type from `pg_type` with what the codec must know about it. Built-in OIDs are
+/// harmless to register (the codec keeps its own encoding for them), so nothing is filtered.
+pub async fn custom_types_of(
+    client: &Client,
+) -> Result<Vec<(u32, TypeKind)>, tokio_postgres::Error> {
+    let rows = client
+            .query(
+                "SELECT t.oid, t.typtype::text, t.typbasetype, t.typelem, coalesce(e.typdelim::text, ','),
+                        t.typcategory::text
+                 FROM pg_type t LEFT JOIN pg_type e ON e.oid = t.typelem
+",
+                &[],
+            )
+            .await?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let oid: u32 = row.get(0);
+            let typtype = first_char(row.get(1));
+            let element: u32 = row.get(3);
+            let category = first_char(row.get(5));
+            let kind = match typtype {
+                'e' => TypeKind::Enum,
+                'd' => TypeKind::Domain {
+                    base_oid: row.get(2),
+                },
+                'c' => TypeKind::Composite,
+                'r' | 'm' => TypeKind::Range,
+                _ if category == 'A' && element != 0 => TypeKind::Array {
+                    element_oid: element,
+                    delimiter: first_char(row.get(4)) as u8,
+                },
+                _ => TypeKind::Other,
+            };
+            (oid, kind)
+        })
+        .collect())
 }

@@ -37,7 +37,7 @@
 //! The connection passed in keeps the pinned session settings afterwards.
 
 use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 
 use elasticsearch::{ClearScrollParts, Elasticsearch, MgetParts, ScrollParts, SearchParts};
@@ -46,8 +46,9 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use tokio_postgres::{SimpleQueryMessage, SimpleQueryRow};
 
-use crate::postgres::types::{Codec, CodecError, CodecOptions, SESSION_SETTINGS, TypeKind};
+use crate::postgres::types::{Codec, CodecError, CodecOptions, SESSION_SETTINGS};
 use crate::shell::config::TableConfig;
+use crate::sink::document::{DocumentShape, document_id_of};
 use crate::sink::index::{IndexError, METADATA_FIELD, success_json, transport_error};
 
 /// Documents per scroll page.
@@ -58,9 +59,6 @@ const SCROLL_KEEP_ALIVE: &str = "5m";
 
 /// Mismatching rows re-fetched from the index per `_mget` request.
 const RECHECK_BATCH_SIZE: usize = 500;
-
-/// Elasticsearch refuses an `_id` longer than this many bytes.
-const MAX_ID_BYTES: usize = 512;
 
 /// One table and the alias it is indexed under.
 #[derive(Debug, Clone, Copy)]
@@ -143,6 +141,11 @@ pub enum CompareError {
         table: String,
         column: String,
         source: serde_json::Error,
+    },
+    #[error("table {table}: {source}")]
+    Document {
+        table: String,
+        source: crate::sink::document::DocumentError,
     },
     #[error("the index {alias} does not exist")]
     IndexNotFound { alias: String },
@@ -229,15 +232,28 @@ impl RowEncoder {
     ) -> Result<Self, CompareError> {
         let table = format!("{}.{}", target.schema, target.table);
         let mut codec = Codec::new(codec_options);
-        for (oid, kind) in custom_types(postgres).await? {
+        let custom_types = crate::postgres::catalog::custom_types_of(postgres)
+            .await
+            .map_err(|source| CompareError::Postgres {
+                action: "read pg_type",
+                source,
+            })?;
+        for (oid, kind) in custom_types {
             codec.register(oid, kind);
         }
-        let shape = Shape::new(target.table_config);
+        let shape = DocumentShape::new(&table, target.table_config).map_err(|source| {
+            CompareError::Document {
+                table: table.clone(),
+                source,
+            }
+        })?;
         let columns: Vec<Column> = table_columns(postgres, target.schema, target.table)
             .await?
             .into_iter()
             .map(|(name, type_oid)| Column {
-                field: shape.field_name(&name),
+                field: shape
+                    .keeps(&name)
+                    .then(|| shape.field_name(&name).to_owned()),
                 name,
                 type_oid,
             })
@@ -323,60 +339,16 @@ impl RowEncoder {
     }
 
     fn id_of(&self, values: &[Value]) -> Result<String, CompareError> {
-        let key_values: Vec<&Value> = self
+        let key: Vec<(&str, &Value)> = self
             .key_positions
             .iter()
-            .map(|&position| &values[position])
+            .map(|&position| (self.columns[position].name.as_str(), &values[position]))
             .collect();
-        document_id(&key_values).map_err(|position| CompareError::NoDocumentId {
+        document_id_of(&key).map_err(|source| CompareError::Document {
             table: self.table.clone(),
-            column: self.columns[self.key_positions[position]].name.clone(),
+            source,
         })
     }
-}
-
-/// Every type that is not built in, as the source registers them with its codec.
-// TODO: share with `Catalog::custom_types` (needs a `Catalog` built from an existing client).
-async fn custom_types(
-    postgres: &tokio_postgres::Client,
-) -> Result<Vec<(u32, TypeKind)>, CompareError> {
-    let rows = postgres
-        .query(
-            "SELECT t.oid, t.typtype::text, t.typbasetype, t.typelem,
-                    coalesce(e.typdelim::text, ','), t.typcategory::text
-             FROM pg_type t LEFT JOIN pg_type e ON e.oid = t.typelem",
-            &[],
-        )
-        .await
-        .map_err(|source| CompareError::Postgres {
-            action: "read pg_type",
-            source,
-        })?;
-    Ok(rows
-        .iter()
-        .map(|row| {
-            let typtype = first_char(row.get(1));
-            let element: u32 = row.get(3);
-            let kind = match typtype {
-                'e' => TypeKind::Enum,
-                'd' => TypeKind::Domain {
-                    base_oid: row.get(2),
-                },
-                'c' => TypeKind::Composite,
-                'r' | 'm' => TypeKind::Range,
-                _ if first_char(row.get(5)) == 'A' && element != 0 => TypeKind::Array {
-                    element_oid: element,
-                    delimiter: first_char(row.get(4)) as u8,
-                },
-                _ => TypeKind::Other,
-            };
-            (row.get(0), kind)
-        })
-        .collect())
-}
-
-fn first_char(text: String) -> char {
-    text.chars().next().unwrap_or('?')
 }
 
 /// The table's columns in order, with their type OIDs; generated columns are left out because
@@ -865,73 +837,6 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     })
 }
 
-/// Which columns reach a document and under which field names: `include_columns` (empty
-/// means all), then `exclude_columns`, then `rename`.
-// TODO: use sink::document::DocumentShape.
-struct Shape<'a> {
-    config: &'a TableConfig,
-}
-
-impl<'a> Shape<'a> {
-    fn new(config: &'a TableConfig) -> Self {
-        Self { config }
-    }
-
-    fn field_name(&self, column: &str) -> Option<String> {
-        let included = self.config.include_columns.is_empty()
-            || self
-                .config
-                .include_columns
-                .iter()
-                .any(|name| name == column);
-        let excluded = self
-            .config
-            .exclude_columns
-            .iter()
-            .any(|name| name == column);
-        if !included || excluded {
-            return None;
-        }
-        let renamed: &BTreeMap<String, String> = &self.config.rename;
-        Some(
-            renamed
-                .get(column)
-                .map_or(column, String::as_str)
-                .to_owned(),
-        )
-    }
-}
-
-/// The document id of a row's key values: one key column → the value's text (a string as is,
-/// anything else as its JSON); several → a compact JSON array; longer than 512 bytes →
-/// `sha256:<hex>`. On a null or empty key value, the error is the key position.
-// TODO: use sink::document::document_id.
-fn document_id(key_values: &[&Value]) -> Result<String, usize> {
-    if let Some(position) = key_values
-        .iter()
-        .position(|value| matches!(value, Value::Null | Value::Array(_) | Value::Object(_)))
-    {
-        return Err(position);
-    }
-    let id = match key_values {
-        [Value::String(text)] if text.is_empty() => return Err(0),
-        [Value::String(text)] => text.clone(),
-        [scalar] => scalar.to_string(),
-        several => Value::Array(several.iter().map(|&value| value.clone()).collect()).to_string(),
-    };
-    Ok(bounded_id(id))
-}
-
-fn bounded_id(id: String) -> String {
-    if id.len() <= MAX_ID_BYTES {
-        return id;
-    }
-    use sha2::Digest as _;
-    let digest = sha2::Sha256::digest(id.as_bytes());
-    let hex: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
-    format!("sha256:{hex}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -980,44 +885,6 @@ mod tests {
         let expected = object(json!({"a": 1, "b": "x", "c": true, "walsync": {"op": "r"}}));
         let stored = object(json!({"a": 1, "b": "y", "d": 0, "walsync": {"op": "u"}}));
         assert_eq!(differing_fields(&expected, &stored), ["b", "c", "d"]);
-    }
-
-    #[test]
-    fn ids_follow_the_sink_rule() {
-        assert_eq!(document_id(&[&json!(42)]), Ok("42".to_owned()));
-        assert_eq!(document_id(&[&json!("a-1")]), Ok("a-1".to_owned()));
-        assert_eq!(document_id(&[&json!(true)]), Ok("true".to_owned()));
-        assert_eq!(
-            document_id(&[&json!(1), &json!("a")]),
-            Ok("[1,\"a\"]".to_owned())
-        );
-        assert_eq!(document_id(&[&json!(1), &Value::Null]), Err(1));
-        assert_eq!(document_id(&[&json!("")]), Err(0));
-    }
-
-    #[test]
-    fn long_ids_are_hashed() {
-        let long = "x".repeat(513);
-        let id = document_id(&[&json!(long)]).expect("id");
-        assert_eq!(id.len(), "sha256:".len() + 64);
-        assert!(id.starts_with("sha256:"), "{id}");
-        let limit = "x".repeat(512);
-        assert_eq!(document_id(&[&json!(limit.clone())]), Ok(limit));
-    }
-
-    #[test]
-    fn the_shape_includes_then_excludes_then_renames() {
-        let config = TableConfig {
-            include_columns: vec!["id".into(), "title".into(), "secret".into()],
-            exclude_columns: vec!["secret".into()],
-            rename: [("title".to_owned(), "name".to_owned())].into(),
-            ..TableConfig::default()
-        };
-        let shape = Shape::new(&config);
-        assert_eq!(shape.field_name("id").as_deref(), Some("id"));
-        assert_eq!(shape.field_name("title").as_deref(), Some("name"));
-        assert_eq!(shape.field_name("secret"), None);
-        assert_eq!(shape.field_name("other"), None);
     }
 
     #[test]

@@ -114,10 +114,18 @@ pub enum DocumentError {
 /// The `_id` of the document a record key stands for. See the module documentation.
 pub fn document_id(key_json: &[u8]) -> Result<String, DocumentError> {
     let key: Map<String, Value> = parse_key(key_json)?;
-    let id = match key.len() {
-        0 => return Err(DocumentError::EmptyKey),
-        1 => single_column_id(&key)?,
-        _ => composite_id(&key)?,
+    let columns: Vec<(&str, &Value)> = key.iter().map(|(c, v)| (c.as_str(), v)).collect();
+    document_id_of(&columns)
+}
+
+/// The `_id` of a row from its key columns' JSON values, in key order: the same rule as
+/// [`document_id`], for callers that hold the values rather than a record key (the comparison
+/// core).
+pub fn document_id_of(columns: &[(&str, &Value)]) -> Result<String, DocumentError> {
+    let id = match columns {
+        [] => return Err(DocumentError::EmptyKey),
+        [(column, value)] => single_column_id(column, value)?,
+        several => composite_id(several)?,
     };
     Ok(bounded_id(id))
 }
@@ -130,11 +138,7 @@ fn parse_key(key_json: &[u8]) -> Result<Map<String, Value>, DocumentError> {
     }
 }
 
-fn single_column_id(key: &Map<String, Value>) -> Result<String, DocumentError> {
-    let mut columns = key.iter();
-    let Some((column, value)) = columns.next() else {
-        return Err(DocumentError::EmptyKey);
-    };
+fn single_column_id(column: &str, value: &Value) -> Result<String, DocumentError> {
     check_key_value(column, value)?;
     let id = match value {
         Value::String(text) => text.clone(),
@@ -142,17 +146,17 @@ fn single_column_id(key: &Map<String, Value>) -> Result<String, DocumentError> {
     };
     if id.is_empty() {
         return Err(DocumentError::EmptyId {
-            column: column.clone(),
+            column: column.to_owned(),
         });
     }
     Ok(id)
 }
 
-fn composite_id(key: &Map<String, Value>) -> Result<String, DocumentError> {
-    for (column, value) in key {
+fn composite_id(columns: &[(&str, &Value)]) -> Result<String, DocumentError> {
+    for (column, value) in columns {
         check_key_value(column, value)?;
     }
-    let values: Vec<&Value> = key.values().collect();
+    let values: Vec<&Value> = columns.iter().map(|(_, value)| *value).collect();
     // Serializing scalars into a String cannot fail.
     Ok(serde_json::to_string(&values).unwrap_or_default())
 }
@@ -773,5 +777,15 @@ mod tests {
         assert_eq!(mapping["properties"]["commit_lsn"]["type"], "long");
         assert_eq!(COMMIT_LSN_PATH, format!("{METADATA_FIELD}.commit_lsn"));
         assert_eq!(DELETED_PATH, format!("{METADATA_FIELD}.deleted"));
+    }
+
+    #[test]
+    fn ids_from_values_follow_the_same_rule_as_ids_from_keys() {
+        let (shop, sku) = (json!(1), json!("a"));
+        assert_eq!(
+            document_id_of(&[("shop", &shop), ("sku", &sku)]).unwrap(),
+            document_id(br#"{"shop":1,"sku":"a"}"#).unwrap()
+        );
+        assert_eq!(document_id_of(&[("sku", &sku)]).unwrap(), "a");
     }
 }
