@@ -962,7 +962,8 @@ impl Backoff {
     }
 }
 
-async fn read_truncate_mark(client: &Elasticsearch, alias: &str) -> anyhow::Result<u64> {
+/// The mappings of the indices behind `alias`, keyed by index name.
+async fn read_mapping(client: &Elasticsearch, alias: &str) -> anyhow::Result<Value> {
     let response = client
         .send(
             Method::Get,
@@ -973,7 +974,12 @@ async fn read_truncate_mark(client: &Elasticsearch, alias: &str) -> anyhow::Resu
             Some(Duration::from_secs(30)),
         )
         .await?;
-    let mapping: Value = response.json().await?;
+    Ok(response.json().await?)
+}
+
+/// The truncate mark recorded in the index's `_meta` (0 when none).
+async fn read_truncate_mark(client: &Elasticsearch, alias: &str) -> anyhow::Result<u64> {
+    let mapping = read_mapping(client, alias).await?;
     Ok(mapping
         .as_object()
         .into_iter()
@@ -984,18 +990,9 @@ async fn read_truncate_mark(client: &Elasticsearch, alias: &str) -> anyhow::Resu
         .unwrap_or(0))
 }
 
+/// Records the truncate mark in the index's `_meta`, keeping everything else there.
 async fn write_truncate_mark(client: &Elasticsearch, alias: &str, mark: u64) -> anyhow::Result<()> {
-    let response = client
-        .send(
-            Method::Get,
-            &format!("/{alias}/_mapping"),
-            HeaderMap::new(),
-            Option::<&()>::None,
-            Option::<&[u8]>::None,
-            Some(Duration::from_secs(30)),
-        )
-        .await?;
-    let mapping: Value = response.json().await?;
+    let mapping = read_mapping(client, alias).await?;
     let mut meta = mapping
         .as_object()
         .and_then(|indices| indices.values().next())

@@ -364,17 +364,11 @@ pub fn default_mappings() -> Value {
 }
 
 fn metadata_field_mapping() -> Value {
-    json!({
-        "type": "object",
-        "properties": {
-            "commit_lsn": {"type": "long"},
-            "lsn": {"type": "long"},
-            "op": {"type": "keyword"},
-            "deleted": {"type": "boolean"},
-            "tx_id": {"type": "long"},
-            "source_ts_ms": {"type": "long"}
-        }
-    })
+    let mut mapping = crate::sink::document::DocumentMetadata::mapping();
+    if let Some(object) = mapping.as_object_mut() {
+        object.insert("type".into(), json!("object"));
+    }
+    mapping
 }
 
 /// The `mappings` of a new index: the override or the default, always with the metadata field
