@@ -75,15 +75,22 @@ struct RunningSink {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
     stats: Arc<SinkStats>,
+    sink: Arc<Sink>,
 }
 
 impl RunningSink {
     async fn start(config: Config) -> Self {
-        let sink = Sink::new(config).await.expect("create the sink");
+        let sink = Arc::new(Sink::new(config).await.expect("create the sink"));
         let stats = Arc::clone(&sink.stats);
         let (stop, stopped) = watch::channel(false);
-        let task = tokio::spawn(async move { sink.run(stopped).await });
-        Self { stop, task, stats }
+        let running = Arc::clone(&sink);
+        let task = tokio::spawn(async move { running.run(stopped).await });
+        Self {
+            stop,
+            task,
+            stats,
+            sink,
+        }
     }
 
     async fn wait_processed(&self, events: u64) {
@@ -451,4 +458,120 @@ async fn two_updates_in_one_transaction_end_as_the_second_even_when_bulks_are_th
         .unwrap();
     assert_eq!(document["_source"]["price"], 3, "the second update wins");
     drop_slot(&name).await;
+}
+
+#[tokio::test]
+async fn a_committed_offset_that_fell_out_of_retention_stops_the_sink_instead_of_skipping() {
+    use rdkafka::admin::{AdminClient, AdminOptions};
+    use rdkafka::client::DefaultClientContext;
+    let config = sink_config(&name("sink_gap"));
+    let topic = create_topic(&config).await;
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &stack().kafka_brokers)
+        .create()
+        .expect("producer");
+    let send = |version: u64| {
+        let producer = producer.clone();
+        let topic = topic.clone();
+        async move {
+            let value = envelope("u", 1, Some(&format!("v{version}")), version).to_string();
+            producer
+                .send(
+                    FutureRecord::to(&topic).key(r#"{"id":1}"#).payload(&value),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map_err(|(error, _)| error)
+                .expect("produce")
+        }
+    };
+    let mut partition = 0;
+    for version in [100, 200, 300] {
+        partition = send(version).await.partition;
+    }
+    let sink = RunningSink::start(config.clone()).await;
+    sink.wait_processed(3).await;
+    sink.stop().await.expect("clean stop");
+
+    // Three more events the sink never sees: retention removes them (and one more).
+    for version in [400, 500, 600] {
+        send(version).await;
+    }
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &stack().kafka_brokers)
+        .create()
+        .expect("admin");
+    let mut cut = rdkafka::TopicPartitionList::new();
+    cut.add_partition_offset(&topic, partition, rdkafka::Offset::Offset(5))
+        .unwrap();
+    admin
+        .delete_records(&cut, &AdminOptions::new())
+        .await
+        .expect("delete records before offset 5");
+
+    let sink = RunningSink::start(config.clone()).await;
+    let error = tokio::time::timeout(Duration::from_secs(60), sink.task)
+        .await
+        .expect("the sink stops by itself")
+        .expect("no panic")
+        .expect_err("a gap must stop the sink");
+    let message = format!("{error:#}");
+    assert!(
+        message.contains("committed offset 3") && message.contains("oldest retained offset 5"),
+        "{message}"
+    );
+    assert_eq!(
+        stored(&alias(&config), 1).await.unwrap()["note"],
+        "v300",
+        "nothing past the gap was applied"
+    );
+}
+
+#[tokio::test]
+async fn two_sinks_in_one_group_share_the_partitions() {
+    let config = sink_config(&name("sink_group"));
+    let topic = create_topic(&config).await;
+    let events: Vec<Value> = (1..=60)
+        .map(|id| envelope("c", id, Some("x"), 100 + id as u64))
+        .collect();
+    let first = RunningSink::start(config.clone()).await;
+    let second = RunningSink::start(config.clone()).await;
+    wait_for(
+        "both sinks to hold partitions",
+        Duration::from_secs(60),
+        || {
+            let shared =
+                first.sink.assigned_partitions() > 0 && second.sink.assigned_partitions() > 0;
+            async move { shared.then_some(()) }
+        },
+    )
+    .await;
+    produce(&topic, &events).await;
+    let (a, b) = (Arc::clone(&first.stats), Arc::clone(&second.stats));
+    wait_for(
+        "both sinks to index everything between them",
+        Duration::from_secs(90),
+        || {
+            let done = a.indexed.load(Ordering::Relaxed)
+                + b.indexed.load(Ordering::Relaxed)
+                + a.stale.load(Ordering::Relaxed)
+                + b.stale.load(Ordering::Relaxed);
+            async move { (done >= 60).then_some(()) }
+        },
+    )
+    .await;
+    first.stop().await.expect("clean stop");
+    second.stop().await.expect("clean stop");
+    let client = search_client();
+    refresh(&client, &alias(&config)).await.unwrap();
+    assert_eq!(
+        walsync::sink::index::count(&client, &alias(&config))
+            .await
+            .unwrap(),
+        60
+    );
+    assert!(
+        a.indexed.load(Ordering::Relaxed) > 0 && b.indexed.load(Ordering::Relaxed) > 0,
+        "each sink applied part of the partitions: {a:?} {b:?}"
+    );
 }

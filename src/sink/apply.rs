@@ -187,6 +187,13 @@ impl Sink {
         })
     }
 
+    /// How many partitions this sink holds right now (0 before it joined its group).
+    pub fn assigned_partitions(&self) -> usize {
+        self.consumer
+            .assignment()
+            .map_or(0, |assignment| assignment.count())
+    }
+
     /// Runs until `stop` turns true (finishing the batch in hand) or an error an operator must
     /// look at.
     pub async fn run(&self, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
