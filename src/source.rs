@@ -30,8 +30,9 @@ use crate::postgres::replication::{
     StatusSender,
 };
 use crate::postgres::slot::{self, CapturedTable};
+use crate::postgres::snapshot;
 use crate::postgres::types::{Codec, CodecOptions};
-use crate::shell::config::{Config, SslMode};
+use crate::shell::config::{Config, SnapshotMode, SslMode};
 
 /// How the source ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -126,6 +127,7 @@ pub async fn run(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::Res
         .collect();
 
     let mut backoff = Duration::from_millis(500);
+    let mut first_attempt = true;
     loop {
         let attempt = stream_once(
             &config,
@@ -136,8 +138,10 @@ pub async fn run(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::Res
             &producer,
             &routes_by_name,
             &mut stop,
+            first_attempt,
         )
         .await;
+        first_attempt = false;
         match attempt {
             Ok(exit) => return Ok(exit),
             Err(error) => {
@@ -167,12 +171,20 @@ async fn stream_once(
     producer: &Arc<EventProducer>,
     routes_by_name: &RouteTargets,
     stop: &mut watch::Receiver<bool>,
+    first_attempt: bool,
 ) -> anyhow::Result<SourceExit> {
     let mut client = ReplicationClient::connect(params).await?;
     let identity = client.identify_system().await?;
     let slot_name = &config.postgres.slot;
     let start = match catalog.slot(slot_name).await? {
         Some(slot) => slot.confirmed_flush_lsn.unwrap_or(Lsn::ZERO),
+        // Created only at start-up, after preflight: a slot that vanishes while walsync runs is
+        // never silently recreated (the changes in between would be skipped).
+        None if !first_attempt => anyhow::bail!(
+            "replication slot {slot_name} disappeared while walsync was running (dropped, or lost in a failover); \
+             changes since are not recoverable from the WAL. Set postgres.recreate_lost_slot = true to start a new slot, \
+             then rebuild the index from a fresh copy; see docs/runbook.md, \"A lost slot\""
+        ),
         None => {
             let created = client
                 .create_logical_slot(slot_name, false, SlotSnapshot::NoExport)
@@ -187,6 +199,7 @@ async fn stream_once(
         tables = tables.len(), "streaming"
     );
 
+    let copy = prepare_snapshot(config, params, catalog, tables).await?;
     let (stream, status) = client
         .start_replication(slot_name, start, &config.postgres.publication)
         .await?;
@@ -211,6 +224,36 @@ async fn stream_once(
             timeline: identity.timeline,
         }),
     );
+    let copy_task = copy.map(|copy| {
+        let routes: Vec<(CapturedTable, Arc<str>)> = tables
+            .iter()
+            .filter_map(|table| {
+                let key = (table.info.schema.clone(), table.info.name.clone());
+                routes_by_name
+                    .get(&key)
+                    .map(|(topic, _)| (table.clone(), Arc::clone(topic)))
+            })
+            .collect();
+        let (writer, producer) = (writer.clone(), Arc::clone(producer));
+        let (slot, params) = (slot_name.clone(), params.clone());
+        tokio::spawn(async move {
+            let progress = Catalog::connect(&params).await?;
+            snapshot::run_copy(copy, &slot, &routes, &writer, &producer, &progress).await
+        })
+    });
+    let copy_abort = copy_task
+        .as_ref()
+        .map(tokio::task::JoinHandle::abort_handle);
+    let copy_failure = async move {
+        match copy_task {
+            Some(task) => match task.await {
+                Ok(Ok(())) => std::future::pending().await,
+                Ok(Err(error)) => error.context("the initial snapshot failed"),
+                Err(error) => anyhow::anyhow!("the initial snapshot task failed: {error}"),
+            },
+            None => std::future::pending().await,
+        }
+    };
     let mut reader = Reader {
         stream,
         writer,
@@ -222,9 +265,16 @@ async fn stream_once(
         tx: None,
         tombstones: config.kafka.tombstones,
     };
-    let outcome = reader.run(stop).await;
+    let outcome = tokio::select! {
+        outcome = reader.run(stop) => outcome,
+        failure = copy_failure => Err(failure),
+    };
     if let Some(task) = heartbeat_task {
         task.abort();
+    }
+    // An unfinished copy is not recorded as done: it starts over under a new snapshot.
+    if let Some(copy) = copy_abort {
+        copy.abort();
     }
 
     // Stop (requested or not): let Kafka acknowledge what it has, then confirm exactly that.
@@ -248,6 +298,35 @@ async fn stream_once(
             SourceExit::Undrained
         }
     })
+}
+
+/// Imports a fresh snapshot for the tables whose initial copy is not complete (all of them
+/// again with `snapshot.mode = "always"`, none with `"never"`).
+async fn prepare_snapshot(
+    config: &Config,
+    params: &ConnectParams,
+    catalog: &Catalog,
+    tables: &[CapturedTable],
+) -> anyhow::Result<Option<snapshot::PreparedCopy>> {
+    let slot = &config.postgres.slot;
+    match config.snapshot.mode {
+        SnapshotMode::Never => return Ok(None),
+        SnapshotMode::Always => {
+            catalog
+                .client()
+                .execute(
+                    "DELETE FROM walsync.snapshot_progress WHERE slot_name = $1",
+                    &[slot],
+                )
+                .await?;
+        }
+        SnapshotMode::Initial => {}
+    }
+    let pending = snapshot::tables_to_copy(catalog, slot, tables).await?;
+    if pending.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(snapshot::prepare_copy(params, slot, pending).await?))
 }
 
 /// Progress shared between the reader and the status task.

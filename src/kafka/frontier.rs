@@ -42,7 +42,8 @@ impl TxAcks {
         self.failed.store(true, Ordering::Release);
     }
 
-    fn is_done(&self) -> bool {
+    /// Every event handed over has been acknowledged, and none was refused.
+    pub fn is_done(&self) -> bool {
         self.pending.load(Ordering::Acquire) == 0 && !self.failed.load(Ordering::Acquire)
     }
 

@@ -31,7 +31,8 @@ pub fn dead_letter_topic(prefix: &str) -> String {
     format!("{}.dlq", sanitize(prefix))
 }
 
-fn sanitize(part: &str) -> String {
+/// A topic name part with every character Kafka does not allow replaced by `_`.
+pub fn sanitize(part: &str) -> String {
     part.chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {

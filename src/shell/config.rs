@@ -285,9 +285,30 @@ pub struct TableConfig {
 }
 
 /// A secret: never printed by `Debug`, never logged.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize)]
 #[serde(transparent)]
 pub struct Secret(String);
+
+impl<'de> Deserialize<'de> for Secret {
+    /// From the environment a password such as `12345` arrives as a number: take any scalar
+    /// as its text.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Scalar {
+            Text(String),
+            Integer(i128),
+            Float(f64),
+            Flag(bool),
+        }
+        Ok(Secret(match Scalar::deserialize(deserializer)? {
+            Scalar::Text(text) => text,
+            Scalar::Integer(number) => number.to_string(),
+            Scalar::Float(number) => number.to_string(),
+            Scalar::Flag(flag) => flag.to_string(),
+        }))
+    }
+}
 
 impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
@@ -341,7 +362,13 @@ impl Config {
     }
 
     fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
-        let figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__"));
+        // Only `WALSYNC_<SECTION>__<KEY>` names are configuration: other WALSYNC_ variables
+        // (WALSYNC_CONFIG for --config, the local stack's WALSYNC_PG_PORT, …) are not keys.
+        let figment = figment.merge(
+            Env::prefixed(ENV_PREFIX)
+                .filter(|key| key.as_str().contains("__"))
+                .split("__"),
+        );
         let mut config: Config = figment
             .extract()
             .map_err(|error| ConfigError::Invalid(Box::new(error)))?;
@@ -455,6 +482,23 @@ mod tests {
                     Config::from_toml("[kafka]\nbrokers = \"file:9092\"\n").expect("valid");
                 assert_eq!(config.kafka.brokers, "override:9092");
                 assert_eq!(config.postgres.tls.mode, SslMode::Require);
+                Ok(())
+            },
+        );
+    }
+
+    #[test]
+    fn other_walsync_variables_are_not_configuration() {
+        with_env(
+            &[
+                ("WALSYNC_CONFIG", "/etc/walsync.toml"),
+                ("WALSYNC_PG_PORT", "25432"),
+                ("WALSYNC_POSTGRES__PASSWORD", "12345"),
+            ],
+            || {
+                let config = Config::from_toml("").expect("valid");
+                let password = config.postgres.password.expect("from the environment");
+                assert_eq!(password.expose(), "12345", "a numeric secret stays text");
                 Ok(())
             },
         );

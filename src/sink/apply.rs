@@ -156,7 +156,7 @@ impl Sink {
             })
             .context("cannot create the Kafka consumer")?;
         if config.sink.topics.is_empty() {
-            let prefix = regex_escape(&config.kafka.topic_prefix);
+            let prefix = regex_escape(&topics::sanitize(&config.kafka.topic_prefix));
             // Table topics have at least two more segments; `<prefix>.dlq` has one.
             consumer.subscribe(&[&format!("^{prefix}\\.[^.]+\\..+")])?;
         } else {
@@ -342,9 +342,9 @@ impl Sink {
             .cloned()
             .unwrap_or_default();
         let alias = alias_name(&self.config.elasticsearch, &table_config, &key.0, &key.1);
-        self.ensure(&alias, &table_config, &envelope.source.system_id)
+        let truncate_mark = self
+            .prepare_index(&alias, &table_config, &envelope.source.system_id)
             .await?;
-        let truncate_mark = read_truncate_mark(&self.client, &alias).await?;
         self.raise_truncate_mark(&alias, truncate_mark);
         let target = Arc::new(TableTarget {
             shape: DocumentShape::new(&qualified, &table_config)?,
@@ -352,6 +352,33 @@ impl Sink {
         });
         targets.insert(key, Arc::clone(&target));
         Ok(target)
+    }
+
+    /// Checks or creates the index behind `alias` and reads its truncate mark. An unreachable,
+    /// starting or overloaded search server is waited out with backoff, like a failing bulk
+    /// request: a sink that meets a table's first event during an outage (after a restart, say)
+    /// must not stop. An index that is not walsync's or was built from another cluster, or a bad
+    /// override file, stops the sink.
+    async fn prepare_index(
+        &self,
+        alias: &str,
+        table: &TableConfig,
+        system_id: &str,
+    ) -> anyhow::Result<u64> {
+        let mut backoff = Backoff::new();
+        loop {
+            let error = match self.ensure(alias, table, system_id).await {
+                Ok(()) => match read_truncate_mark(&self.client, alias).await {
+                    Ok(mark) => return Ok(mark),
+                    Err(error) => error,
+                },
+                Err(error) if index_error_is_transient(&error) => error,
+                Err(error) => return Err(error),
+            };
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(%alias, error = %format!("{error:#}"), "cannot check the index yet; retrying");
+            backoff.wait().await;
+        }
     }
 
     fn truncate_mark(&self, alias: &str) -> u64 {
@@ -981,7 +1008,25 @@ async fn read_mapping(client: &Elasticsearch, alias: &str) -> anyhow::Result<Val
             Some(Duration::from_secs(30)),
         )
         .await?;
+    // An error answer is JSON too: never read it as a mapping without a truncate mark.
+    let status = response.status_code();
+    if !status.is_success() {
+        let body = response.text().await.unwrap_or_default();
+        bail!("reading the mapping of {alias}: HTTP {status}: {body}");
+    }
     Ok(response.json().await?)
+}
+
+/// Whether a failure to check or create an index may pass by itself: the server unreachable,
+/// timing out, overloaded or not ready yet (408, 429, 5xx). Anything else needs an operator.
+fn index_error_is_transient(error: &anyhow::Error) -> bool {
+    match error.downcast_ref::<index::IndexError>() {
+        Some(index::IndexError::Transport { .. }) => true,
+        Some(index::IndexError::Refused { status, .. }) => {
+            matches!(status, 408 | 429) || *status >= 500
+        }
+        _ => false,
+    }
 }
 
 /// The truncate mark recorded in the index's `_meta` (0 when none).

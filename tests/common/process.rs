@@ -43,6 +43,24 @@ topic_prefix = {name:?}
     )
 }
 
+/// A `walsync run` configuration for one test: [`source_config`] plus the sink's index prefix
+/// (`<name>-`) and consumer group (`<name>-sink`), so nothing is shared with other tests. The
+/// dead-letter topic is `<name>.dlq`.
+pub fn pipeline_config(name: &str, tables: &[&str]) -> String {
+    format!(
+        r#"{source}
+[elasticsearch]
+url = {url:?}
+index_prefix = "{name}-"
+
+[sink]
+group_id = "{name}-sink"
+"#,
+        source = source_config(name, tables),
+        url = stack().es_url,
+    )
+}
+
 /// A spawned `walsync` process; killed when dropped.
 pub struct Walsync {
     pub child: Child,
