@@ -145,10 +145,7 @@ pub async fn run(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::Res
         match attempt {
             Ok(exit) => return Ok(exit),
             Err(error) => {
-                let retryable = error
-                    .downcast_ref::<ReplicationError>()
-                    .is_some_and(|e| e.action() == ErrorAction::Retry);
-                if !retryable || *stop.borrow() {
+                if !is_transient(&error) || *stop.borrow() {
                     return Err(error);
                 }
                 tracing::warn!(error = %format!("{error:#}"), ?backoff, "replication interrupted; waiting for Kafka, then resuming from the confirmed LSN");
@@ -156,6 +153,13 @@ pub async fn run(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::Res
                 tokio::task::spawn_blocking(move || producer.flush(DRAIN_TIMEOUT)).await??;
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
+                // A restarted server closed the metadata connection too.
+                if catalog.client().is_closed() {
+                    match Catalog::connect(&params).await {
+                        Ok(reconnected) => catalog = reconnected,
+                        Err(error) => tracing::warn!(%error, "PostgreSQL is not reachable yet"),
+                    }
+                }
             }
         }
     }
@@ -298,6 +302,22 @@ async fn stream_once(
             SourceExit::Undrained
         }
     })
+}
+
+/// Whether reconnecting can help: the replication connection dropped or the server is
+/// restarting or overloaded, for either connection.
+fn is_transient(error: &anyhow::Error) -> bool {
+    if let Some(replication) = error.downcast_ref::<ReplicationError>() {
+        return replication.action() == ErrorAction::Retry;
+    }
+    if let Some(postgres) = error.downcast_ref::<tokio_postgres::Error>() {
+        let code = postgres.code().map(|code| code.code()).unwrap_or("");
+        return postgres.is_closed()
+            || code.starts_with("08")
+            || code.starts_with("57P")
+            || code.starts_with("53");
+    }
+    false
 }
 
 /// Imports a fresh snapshot for the tables whose initial copy is not complete (all of them

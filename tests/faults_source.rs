@@ -408,3 +408,65 @@ async fn a_million_row_transaction_streams_through_in_bounded_memory() {
     );
     drop_slot(&client, &name).await;
 }
+
+/// Starts PostgreSQL again when dropped, so a failing test does not leave it down.
+struct PostgresStopped;
+
+impl Drop for PostgresStopped {
+    fn drop(&mut self) {
+        common::process::stack_control("start", "pg");
+    }
+}
+
+#[tokio::test]
+async fn a_postgres_restart_is_ridden_out_and_streaming_resumes() {
+    let name = name("fault_pg_restart");
+    let table = format!("public.{name}");
+    let client = sql().await;
+    client
+        .batch_execute(&format!("CREATE TABLE {table} (id bigint PRIMARY KEY)"))
+        .await
+        .expect("create table");
+    let mut walsync = Walsync::spawn("source", &name, &source_config(&name, &[&table]));
+    wait_streaming(&client, &name).await;
+    client
+        .execute(
+            &format!("INSERT INTO {table} SELECT generate_series(0, 9)"),
+            &[],
+        )
+        .await
+        .unwrap();
+    drop(client);
+
+    let restarted = PostgresStopped;
+    common::process::stack_control("stop", "pg");
+    drop(restarted);
+
+    let client = sql().await;
+    wait_streaming(&client, &name).await;
+    client
+        .execute(
+            &format!("INSERT INTO {table} SELECT generate_series(10, 19)"),
+            &[],
+        )
+        .await
+        .unwrap();
+    read_ids(
+        &format!("{name}.public.{name}"),
+        20,
+        Duration::from_secs(120),
+    )
+    .await;
+    assert!(
+        walsync.child.try_wait().expect("poll the child").is_none(),
+        "walsync kept running through the restart: {}",
+        walsync.log_text()
+    );
+    assert_eq!(
+        walsync.terminate(Duration::from_secs(60)).await,
+        0,
+        "{}",
+        walsync.log_text()
+    );
+    drop_slot(&client, &name).await;
+}
