@@ -126,3 +126,36 @@ async fn replaying_the_topic_from_the_start_changes_nothing_and_counts_stale_wri
     assert!(report.is_equal(), "{report:#?}");
     drop_slot(&name).await;
 }
+
+#[tokio::test]
+async fn a_truncate_inside_a_transaction_removes_only_what_came_before_it() {
+    let name = name("pipe_trunc_tx");
+    let table = format!("public.{name}");
+    let client = sql().await;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id int PRIMARY KEY, note text);
+             INSERT INTO {table} SELECT g, 'old' FROM generate_series(1, 50) g;"
+        ))
+        .await
+        .expect("create table");
+    let config = pipeline_config(&name, &[&table]);
+    let pipeline = RunningPipeline::start(config.clone()).await;
+    wait_equal(&config, "public", &name, &["id"], Duration::from_secs(120)).await;
+    client
+        .batch_execute(&format!(
+            "BEGIN;
+             INSERT INTO {table} SELECT g, 'same tx, before' FROM generate_series(100, 120) g;
+             TRUNCATE {table};
+             INSERT INTO {table} SELECT g, 'same tx, after' FROM generate_series(200, 210) g;
+             COMMIT;
+             INSERT INTO {table} VALUES (300, 'later');"
+        ))
+        .await
+        .expect("a transaction that truncates between inserts");
+    wait_equal(&config, "public", &name, &["id"], Duration::from_secs(120)).await;
+    let report = compare(&config, "public", &name, &["id"]).await;
+    assert_eq!(report.rows, 12, "{report:#?}");
+    pipeline.stop().await;
+    drop_slot(&name).await;
+}

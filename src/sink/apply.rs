@@ -122,7 +122,7 @@ pub struct Sink {
     dead_letter_topic: String,
     targets: Mutex<HashMap<(String, String), Arc<TableTarget>>>,
     /// Per alias: events with a lower commit LSN were truncated away and are dropped.
-    truncate_marks: std::sync::Mutex<HashMap<String, u64>>,
+    truncate_marks: std::sync::Mutex<HashMap<String, TruncateMark>>,
     /// Writes hold it shared, a truncate exclusively: a bulk of pre-truncate events either
     /// finishes before the truncate's delete-by-query or sees its mark and drops them.
     truncate_gate: tokio::sync::RwLock<()>,
@@ -364,7 +364,7 @@ impl Sink {
         alias: &str,
         table: &TableConfig,
         system_id: &str,
-    ) -> anyhow::Result<u64> {
+    ) -> anyhow::Result<TruncateMark> {
         let mut backoff = Backoff::new();
         loop {
             let error = match self.ensure(alias, table, system_id).await {
@@ -381,17 +381,17 @@ impl Sink {
         }
     }
 
-    fn truncate_mark(&self, alias: &str) -> u64 {
+    fn truncate_mark(&self, alias: &str) -> TruncateMark {
         self.truncate_marks
             .lock()
             .ok()
             .and_then(|marks| marks.get(alias).copied())
-            .unwrap_or(0)
+            .unwrap_or_default()
     }
 
-    fn raise_truncate_mark(&self, alias: &str, mark: u64) {
+    fn raise_truncate_mark(&self, alias: &str, mark: TruncateMark) {
         if let Ok(mut marks) = self.truncate_marks.lock() {
-            let entry = marks.entry(alias.to_owned()).or_insert(0);
+            let entry = marks.entry(alias.to_owned()).or_default();
             *entry = (*entry).max(mark);
         }
     }
@@ -420,7 +420,7 @@ impl Sink {
         let _no_truncate_meanwhile = self.truncate_gate.read().await;
         let before = pending.len();
         pending.retain(|item| {
-            item.envelope.source.commit_lsn >= self.truncate_mark(&item.target.alias)
+            TruncateMark::of(&item.envelope) >= self.truncate_mark(&item.target.alias)
         });
         self.stats
             .dropped_before_truncate
@@ -705,12 +705,19 @@ impl Sink {
     /// the index so older events still arriving from other partitions are dropped.
     async fn truncate(&self, envelope: &Envelope, target: &TableTarget) -> anyhow::Result<()> {
         let _exclusive = self.truncate_gate.write().await;
-        let mark = envelope.source.commit_lsn;
+        let mark = TruncateMark::of(envelope);
         write_truncate_mark(&self.client, &target.alias, mark).await?;
         self.raise_truncate_mark(&target.alias, mark);
         // delete_by_query sees only refreshed documents: make every earlier write visible.
         index::refresh(&self.client, &target.alias).await?;
-        let query = serde_json::json!({"query": {"range": {"walsync.commit_lsn": {"lt": mark}}}});
+        // Earlier transactions, and earlier changes of the truncating transaction itself.
+        let query = serde_json::json!({"query": {"bool": {"should": [
+            {"range": {"walsync.commit_lsn": {"lt": mark.commit_lsn}}},
+            {"bool": {"filter": [
+                {"term": {"walsync.commit_lsn": mark.commit_lsn}},
+                {"range": {"walsync.lsn": {"lt": mark.lsn}}}
+            ]}}
+        ], "minimum_should_match": 1}}});
         let path = format!(
             "/{}/_delete_by_query?conflicts=proceed&refresh=true",
             target.alias
@@ -735,7 +742,7 @@ impl Sink {
                 target.alias
             );
         }
-        tracing::info!(alias = %target.alias, commit_lsn = mark, "applied a truncate");
+        tracing::info!(alias = %target.alias, commit_lsn = mark.commit_lsn, lsn = mark.lsn, "applied a truncate");
         Ok(())
     }
 
@@ -1029,21 +1036,56 @@ fn index_error_is_transient(error: &anyhow::Error) -> bool {
     }
 }
 
-/// The truncate mark recorded in the index's `_meta` (0 when none).
-async fn read_truncate_mark(client: &Elasticsearch, alias: &str) -> anyhow::Result<u64> {
+/// Where a truncate happened: events before it (by commit LSN, then by their own LSN within
+/// the truncating transaction) were truncated away.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
+struct TruncateMark {
+    commit_lsn: u64,
+    lsn: u64,
+}
+
+impl TruncateMark {
+    /// The position of an event, comparable with a mark.
+    fn of(envelope: &Envelope) -> Self {
+        Self {
+            commit_lsn: envelope.source.commit_lsn,
+            lsn: envelope.source.lsn,
+        }
+    }
+
+    fn from_meta(walsync: &Value) -> Self {
+        Self {
+            commit_lsn: walsync
+                .get("truncated_before")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+            lsn: walsync
+                .get("truncated_before_lsn")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+        }
+    }
+}
+
+/// The truncate mark recorded in the index's `_meta` (none: the start of history).
+async fn read_truncate_mark(client: &Elasticsearch, alias: &str) -> anyhow::Result<TruncateMark> {
     let mapping = read_mapping(client, alias).await?;
     Ok(mapping
         .as_object()
         .into_iter()
         .flat_map(|indices| indices.values())
-        .filter_map(|index| index.pointer("/mappings/_meta/walsync/truncated_before"))
-        .filter_map(Value::as_u64)
+        .filter_map(|index| index.pointer("/mappings/_meta/walsync"))
+        .map(TruncateMark::from_meta)
         .max()
-        .unwrap_or(0))
+        .unwrap_or_default())
 }
 
 /// Records the truncate mark in the index's `_meta`, keeping everything else there.
-async fn write_truncate_mark(client: &Elasticsearch, alias: &str, mark: u64) -> anyhow::Result<()> {
+async fn write_truncate_mark(
+    client: &Elasticsearch,
+    alias: &str,
+    mark: TruncateMark,
+) -> anyhow::Result<()> {
     let mapping = read_mapping(client, alias).await?;
     let mut meta = mapping
         .as_object()
@@ -1052,11 +1094,9 @@ async fn write_truncate_mark(client: &Elasticsearch, alias: &str, mark: u64) -> 
         .cloned()
         .unwrap_or_else(|| serde_json::json!({}));
     if let Some(walsync) = meta.get_mut("walsync").and_then(Value::as_object_mut) {
-        let previous = walsync
-            .get("truncated_before")
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
-        walsync.insert("truncated_before".into(), Value::from(previous.max(mark)));
+        let newest = TruncateMark::from_meta(&Value::Object(walsync.clone())).max(mark);
+        walsync.insert("truncated_before".into(), Value::from(newest.commit_lsn));
+        walsync.insert("truncated_before_lsn".into(), Value::from(newest.lsn));
     }
     let body = serde_json::json!({"_meta": meta}).to_string();
     let response = client
