@@ -447,6 +447,7 @@ impl Reader<'_> {
             let message = tokio::select! {
                 biased;
                 _ = stop.changed() => return Ok(()),
+                reason = self.producer.wait_refused() => bail!("Kafka refused an event: {reason}"),
                 message = self.stream.next() => message?,
             };
             match message {

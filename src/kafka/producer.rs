@@ -94,6 +94,8 @@ pub struct DeliveryContext {
     queue_space: Notify,
     /// The first delivery Kafka refused for good, which stops the source.
     refused: Mutex<Option<String>>,
+    /// Wakes whoever waits in [`EventProducer::wait_refused`].
+    refusal: Notify,
 }
 
 impl ClientContext for DeliveryContext {
@@ -115,6 +117,7 @@ impl ProducerContext for DeliveryContext {
                 if let Ok(mut refused) = self.refused.lock() {
                     refused.get_or_insert(reason);
                 }
+                self.refusal.notify_waiters();
             }
         }
         self.queue_space.notify_one();
@@ -144,6 +147,7 @@ impl EventProducer {
         let context = DeliveryContext {
             queue_space: Notify::new(),
             refused: Mutex::new(None),
+            refusal: Notify::new(),
         };
         let producer = producer_config(config)?
             .create_with_context(context)
@@ -179,6 +183,17 @@ impl EventProducer {
                     )));
                 }
             }
+        }
+    }
+
+    /// Resolves with the reason once Kafka refuses an event for good.
+    pub async fn wait_refused(&self) -> String {
+        loop {
+            let notified = self.producer.context().refusal.notified();
+            if let Some(reason) = self.refused() {
+                return reason;
+            }
+            notified.await;
         }
     }
 

@@ -225,6 +225,15 @@ async fn check_slot(
                 ));
             }
         }
+        None if !can_read_state(catalog).await? => problems.push(Problem {
+            what: format!(
+                "role {} cannot read walsync's own tables in schema walsync",
+                catalog.role().await?.name
+            ),
+            fix: "GRANT USAGE ON SCHEMA walsync TO <role>; GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA walsync TO <role> \
+                  (or run walsync with the role that ran its migrations)"
+                .into(),
+        }),
         None if used_before(catalog, name).await? && !config.recreate_lost_slot => {
             problems.push(lost_slot(
                 name,
@@ -266,6 +275,19 @@ async fn check_free_slots(
         });
     }
     Ok(())
+}
+
+/// Whether walsync's schema is absent (nothing to read yet) or readable by this role.
+async fn can_read_state(catalog: &Catalog) -> Result<bool, tokio_postgres::Error> {
+    Ok(catalog
+        .client()
+        .query_one(
+            "SELECT NOT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = 'walsync')
+                 OR has_schema_privilege('walsync', 'USAGE')",
+            &[],
+        )
+        .await?
+        .get(0))
 }
 
 async fn used_before(catalog: &Catalog, slot: &str) -> Result<bool, tokio_postgres::Error> {

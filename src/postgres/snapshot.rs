@@ -227,7 +227,11 @@ async fn copy_table(
     client.batch_execute("CLOSE walsync_copy").await?;
     while !acks.is_done() {
         if acks.has_failed() {
-            anyhow::bail!("Kafka refused a snapshot row of {}", table.qualified_name());
+            anyhow::bail!(
+                "Kafka refused a snapshot row of {}: {}",
+                table.qualified_name(),
+                producer.refused().unwrap_or_default()
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

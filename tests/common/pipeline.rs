@@ -15,7 +15,7 @@ use walsync::sink::index::{alias_name, build_client, refresh};
 use walsync::source::{self, SourceExit};
 
 use super::source::{config_for, sql};
-use super::{stack, wait_for};
+use super::stack;
 
 /// A pipeline configuration of its own: slot, publication, topics, consumer group and index
 /// prefix no other test shares.
@@ -44,19 +44,7 @@ impl RunningPipeline {
         let sink = tokio::spawn(async move { sink.run(sink_stop).await });
         let slot = config.postgres.slot.clone();
         let source = tokio::spawn(source::run(config, stopped));
-        let client = sql().await;
-        wait_for("the source to stream", Duration::from_secs(60), || async {
-            client
-                .query_opt(
-                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
-                    &[&slot],
-                )
-                .await
-                .ok()
-                .flatten()
-                .map(|_| ())
-        })
-        .await;
+        super::source::wait_streaming(&slot).await;
         Self {
             stop,
             source,

@@ -44,22 +44,7 @@ impl RunningSource {
         let slot = config.postgres.slot.clone();
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(source::run(config, stopped));
-        let client = sql().await;
-        wait_for(
-            "the source to stream from its slot",
-            Duration::from_secs(60),
-            || async {
-                let row = client
-                    .query_opt(
-                        "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND active",
-                        &[&slot],
-                    )
-                    .await
-                    .ok()?;
-                row.map(|_| ())
-            },
-        )
-        .await;
+        wait_streaming(&slot).await;
         Self { stop, task }
     }
 
@@ -78,4 +63,23 @@ pub async fn drop_slot(slot: &str) {
     let _ = client
         .execute("SELECT pg_drop_replication_slot($1)", &[&slot])
         .await;
+}
+
+/// Waits until walsync's walsender for `slot` streams. A slot shows `active` already while it is
+/// being created, before its starting point exists: rows written then would not be streamed.
+pub async fn wait_streaming(slot: &str) {
+    let admin = super::admin_client().await;
+    let application = format!("walsync-{slot}");
+    wait_for("the source to stream from its slot", Duration::from_secs(60), || async {
+        admin
+            .query_opt(
+                "SELECT 1 FROM pg_stat_replication WHERE application_name = $1 AND state IN ('catchup', 'streaming')",
+                &[&application],
+            )
+            .await
+            .ok()
+            .flatten()
+            .map(|_| ())
+    })
+    .await;
 }
