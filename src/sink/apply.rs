@@ -128,6 +128,7 @@ pub struct Sink {
     truncate_gate: tokio::sync::RwLock<()>,
     reader: Mutex<Option<RowReader>>,
     breaker: std::sync::Mutex<VecDeque<Instant>>,
+    conflicts: std::sync::Mutex<ConflictRate>,
     pub stats: Arc<SinkStats>,
 }
 
@@ -183,6 +184,7 @@ impl Sink {
             truncate_gate: tokio::sync::RwLock::new(()),
             reader: Mutex::new(None),
             breaker: std::sync::Mutex::new(VecDeque::new()),
+            conflicts: std::sync::Mutex::new(ConflictRate::new(Instant::now())),
             stats: Arc::new(SinkStats::default()),
         })
     }
@@ -509,6 +511,7 @@ impl Sink {
             let mut retry_positions = Vec::new();
             let mut dead = Vec::new();
             let mut missing_index = false;
+            let (mut applied, mut stale) = (0_u64, 0_u64);
             for (item, outcome) in request.items.iter().zip(outcomes) {
                 // Collapsed events share their item's outcome: count each of them.
                 let events = item.positions().len() as u64;
@@ -521,9 +524,11 @@ impl Sink {
                             &self.stats.indexed
                         };
                         counter.fetch_add(events, Ordering::Relaxed);
+                        applied += events;
                     }
                     ItemOutcome::Stale => {
                         self.stats.stale.fetch_add(events, Ordering::Relaxed);
+                        stale += events;
                     }
                     ItemOutcome::AlreadyDeleted => {
                         self.stats.deleted.fetch_add(events, Ordering::Relaxed);
@@ -536,6 +541,7 @@ impl Sink {
                     ItemOutcome::DeadLetter { reason } => dead.push((item.positions(), reason)),
                 }
             }
+            self.watch_conflicts(stale, applied + stale);
             if !dead.is_empty() {
                 self.trip_breaker_if_bursting(dead.len(), &dead[0].1)?;
                 for (positions, reason) in &dead {
@@ -621,6 +627,22 @@ impl Sink {
                 }
             }
             done.push(item.target.alias.clone());
+        }
+    }
+
+    /// Warns when most writes are version conflicts: right after a replay that is expected, but
+    /// a lasting high share means the index is ahead of the stream — or the source cluster
+    /// changed and every write is "stale", which is silent total loss.
+    fn watch_conflicts(&self, stale: u64, writes: u64) {
+        let Ok(mut rate) = self.conflicts.lock() else {
+            return;
+        };
+        if let Some(share) = rate.record(stale, writes, Instant::now()) {
+            tracing::warn!(
+                share_percent = (share * 100.0).round(),
+                "most writes of the last minute were version conflicts (stale events): fine during a replay; \
+                 otherwise check that the index was built from this PostgreSQL cluster"
+            );
         }
     }
 
@@ -978,6 +1000,43 @@ impl RowReader {
     }
 }
 
+/// The share of version conflicts per minute-long window.
+#[derive(Debug)]
+struct ConflictRate {
+    window_start: Instant,
+    stale: u64,
+    writes: u64,
+}
+
+impl ConflictRate {
+    /// Below this many writes a window says nothing.
+    const MIN_WRITES: u64 = 1_000;
+    const WARN_SHARE: f64 = 0.5;
+    const WINDOW: Duration = Duration::from_secs(60);
+
+    fn new(now: Instant) -> Self {
+        Self {
+            window_start: now,
+            stale: 0,
+            writes: 0,
+        }
+    }
+
+    /// Adds a bulk's outcome; at the end of a window returns its share of conflicts when that
+    /// is alarming.
+    fn record(&mut self, stale: u64, writes: u64, now: Instant) -> Option<f64> {
+        self.stale += stale;
+        self.writes += writes;
+        if now.duration_since(self.window_start) < Self::WINDOW {
+            return None;
+        }
+        let (stale, writes) = (self.stale, self.writes);
+        *self = Self::new(now);
+        let share = stale as f64 / writes.max(1) as f64;
+        (writes >= Self::MIN_WRITES && share > Self::WARN_SHARE).then_some(share)
+    }
+}
+
 /// Exponential backoff with jitter, capped at 30 s.
 struct Backoff {
     next: Duration,
@@ -1142,6 +1201,42 @@ fn url_path_escape(id: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_window_mostly_of_conflicts_warns_once_it_ends() {
+        let start = Instant::now();
+        let mut rate = ConflictRate::new(start);
+        assert_eq!(
+            rate.record(900, 1_000, start),
+            None,
+            "the window is not over"
+        );
+        let share = rate.record(0, 0, start + Duration::from_secs(61));
+        assert_eq!(share, Some(0.9));
+        assert_eq!(
+            rate.record(0, 0, start + Duration::from_secs(122)),
+            None,
+            "a new window"
+        );
+    }
+
+    #[test]
+    fn few_writes_or_few_conflicts_do_not_warn() {
+        let start = Instant::now();
+        let mut rate = ConflictRate::new(start);
+        rate.record(90, 100, start);
+        assert_eq!(
+            rate.record(0, 0, start + Duration::from_secs(61)),
+            None,
+            "too few writes"
+        );
+        rate.record(100, 5_000, start + Duration::from_secs(62));
+        assert_eq!(
+            rate.record(0, 0, start + Duration::from_secs(123)),
+            None,
+            "2% conflicts"
+        );
+    }
 
     #[test]
     fn ids_are_escaped_for_the_document_path() {
