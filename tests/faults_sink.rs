@@ -640,3 +640,45 @@ async fn kill_9_of_walsync_run_at_random_points_of_a_workload_ends_with_the_inde
     finish(walsync, &name).await;
     println!("test took {:?}", test_start.elapsed());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_a_search_outage_exits_and_the_batch_is_applied_after_restart() {
+    let name = name("fsink_stop_outage");
+    let table = format!("public.{name}");
+    create_table(&table).await;
+    let _slot = SlotCleanup(name.clone());
+    let toml = static_membership(pipeline_config(&name, &[&table]), &name);
+    let config = common::pipeline::pipeline_config(&name, &[&table]);
+    let mut walsync = Walsync::spawn("run", &name, &toml);
+    wait_streaming(&name).await;
+    let client = sql().await;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {table} (id, n, note) SELECT g, 0, 'before' FROM generate_series(1, 10) g"
+        ))
+        .await
+        .expect("insert");
+    wait_equal(&config, "public", &name, &["id"], Duration::from_secs(120)).await;
+
+    let paused = Paused::new("search");
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {table} (id, n, note) SELECT g, 0, 'during' FROM generate_series(11, 20) g"
+        ))
+        .await
+        .expect("insert during the outage");
+    // The scenario: the sink holds a batch the hung server cannot take.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let code = walsync.terminate(Duration::from_secs(60)).await;
+    assert_eq!(
+        code,
+        0,
+        "SIGTERM during an outage still exits:\n{}",
+        log_tail(&walsync)
+    );
+    drop(paused);
+
+    let walsync = Walsync::spawn("run", &name, &toml);
+    wait_equal(&config, "public", &name, &["id"], Duration::from_secs(180)).await;
+    finish(walsync, &name).await;
+}

@@ -45,6 +45,9 @@ use crate::sink::bulk::{
 use crate::sink::document::{DocumentShape, document_body, document_id, soft_tombstone_body};
 use crate::sink::index::{self, IndexOverrides, alias_name, ensure_index};
 
+/// How long a requested stop waits for the batch in hand.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
 /// Counters the sink keeps; metrics export reads them.
 #[derive(Debug, Default)]
 pub struct SinkStats {
@@ -218,7 +221,23 @@ impl Sink {
             if batch.is_empty() {
                 continue;
             }
-            self.apply_batch(batch).await?;
+            let apply = self.apply_batch(batch);
+            tokio::pin!(apply);
+            tokio::select! {
+                applied = &mut apply => applied?,
+                _ = stop.changed() => {
+                    // Let the batch finish if the search server is answering; during an outage
+                    // give up on it: its offsets are not committed, so it is applied again on
+                    // the next start (idempotent).
+                    match tokio::time::timeout(STOP_GRACE, &mut apply).await {
+                        Ok(applied) => applied?,
+                        Err(_) => tracing::warn!(
+                            "stopping with a batch the search server has not accepted yet; its offsets are not committed and it is applied again on the next start"
+                        ),
+                    }
+                    break;
+                }
+            }
         }
         tracing::info!("sink stopped");
         Ok(())
