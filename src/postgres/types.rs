@@ -265,7 +265,8 @@ impl Codec {
         nesting: usize,
     ) -> Result<(), CodecError> {
         let mut cursor = ArrayCursor {
-            cursor: ByteCursor { text, position: 0 },
+            text,
+            position: 0,
             array,
         };
         cursor.skip_whitespace();
@@ -643,9 +644,7 @@ enum Container {
 
 /// An RFC 8259 syntax check without recursion, so any nesting depth Postgres accepts is fine.
 fn validate_json(text: &[u8]) -> Result<(), &'static str> {
-    let mut scanner = JsonScanner {
-        cursor: ByteCursor { text, position: 0 },
-    };
+    let mut scanner = JsonScanner { text, position: 0 };
     let mut open: Vec<Container> = Vec::new();
     scanner.skip_whitespace();
     'value: loop {
@@ -703,13 +702,12 @@ fn validate_json(text: &[u8]) -> Result<(), &'static str> {
     }
 }
 
-/// A position in a byte string, for the small hand-written scanners below.
-struct ByteCursor<'a> {
+struct JsonScanner<'a> {
     text: &'a [u8],
     position: usize,
 }
 
-impl ByteCursor<'_> {
+impl JsonScanner<'_> {
     fn peek(&self) -> Option<u8> {
         self.text.get(self.position).copied()
     }
@@ -727,26 +725,7 @@ impl ByteCursor<'_> {
         }
         matched
     }
-}
 
-struct JsonScanner<'a> {
-    cursor: ByteCursor<'a>,
-}
-
-impl<'a> std::ops::Deref for JsonScanner<'a> {
-    type Target = ByteCursor<'a>;
-    fn deref(&self) -> &Self::Target {
-        &self.cursor
-    }
-}
-
-impl std::ops::DerefMut for JsonScanner<'_> {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.cursor
-    }
-}
-
-impl JsonScanner<'_> {
     fn skip_whitespace(&mut self) {
         while matches!(self.peek(), Some(b' ' | b'\t' | b'\n' | b'\r')) {
             self.position += 1;
@@ -1111,26 +1090,32 @@ enum ArrayElement<'a> {
 
 /// A position in an array literal as `array_out` prints it (and `array_in` reads it).
 struct ArrayCursor<'a> {
-    cursor: ByteCursor<'a>,
+    text: &'a [u8],
+    position: usize,
     array: ArrayType,
-}
-
-impl<'a> std::ops::Deref for ArrayCursor<'a> {
-    type Target = ByteCursor<'a>;
-    fn deref(&self) -> &Self::Target {
-        &self.cursor
-    }
-}
-
-impl std::ops::DerefMut for ArrayCursor<'_> {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.cursor
-    }
 }
 
 impl<'a> ArrayCursor<'a> {
     fn malformed(&self, reason: &'static str) -> CodecError {
         malformed(self.array.array_oid, "array literal", reason)
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.text.get(self.position).copied()
+    }
+
+    fn next_byte(&mut self) -> Option<u8> {
+        let byte = self.peek()?;
+        self.position += 1;
+        Some(byte)
+    }
+
+    fn eat(&mut self, expected: u8) -> bool {
+        let matched = self.peek() == Some(expected);
+        if matched {
+            self.position += 1;
+        }
+        matched
     }
 
     fn is_whitespace(&self, byte: u8) -> bool {
