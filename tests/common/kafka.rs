@@ -75,18 +75,29 @@ pub async fn read_topic_until(
     let consumer: StreamConsumer = ClientConfig::new()
         .set("bootstrap.servers", &stack().kafka_brokers)
         .set("group.id", unique_name("walsync-test-reader"))
-        .set("auto.offset.reset", "earliest")
         .set("enable.auto.commit", "false")
         .create()
         .expect("create the test consumer");
-    consumer.subscribe(&[topic]).expect("subscribe");
+    // Partitions are assigned, not subscribed: a reader that needs no group coordinator
+    // keeps working while the broker recovers from a fault a test injected.
+    consumer
+        .assign(&all_partitions_from_the_beginning(&consumer, topic))
+        .expect("assign");
     let end = tokio::time::Instant::now() + deadline;
     let mut seen = 0_usize;
     loop {
-        let message = tokio::time::timeout_at(end, consumer.recv())
+        let received = tokio::time::timeout_at(end, consumer.recv())
             .await
-            .unwrap_or_else(|_| panic!("{topic}: the condition did not hold after {seen} records"))
-            .expect("consume");
+            .unwrap_or_else(|_| panic!("{topic}: the condition did not hold after {seen} records"));
+        let message = match received {
+            Ok(message) => message,
+            // Connection errors right after a paused broker resumes are transient: librdkafka
+            // reconnects by itself, and the deadline bounds the wait.
+            Err(error) => {
+                eprintln!("{topic}: transient consumer error: {error}");
+                continue;
+            }
+        };
         seen += 1;
         let key = serde_json::from_slice(message.key().expect("every record has a key"))
             .expect("the key is JSON");
@@ -119,6 +130,32 @@ pub async fn read_topic_until(
             return;
         }
     }
+}
+
+/// Every partition of `topic`, each from its first offset.
+fn all_partitions_from_the_beginning(
+    consumer: &StreamConsumer,
+    topic: &str,
+) -> rdkafka::TopicPartitionList {
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    let metadata = loop {
+        match consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) {
+            Ok(metadata) if metadata.topics().iter().any(|t| !t.partitions().is_empty()) => {
+                break metadata;
+            }
+            other if std::time::Instant::now() > end => {
+                panic!("{topic}: no partition metadata within a minute: {other:?}")
+            }
+            _ => std::thread::sleep(Duration::from_millis(200)),
+        }
+    };
+    let mut partitions = rdkafka::TopicPartitionList::new();
+    for partition in metadata.topics()[0].partitions() {
+        partitions
+            .add_partition_offset(topic, partition.id(), rdkafka::Offset::Beginning)
+            .expect("a partition offset");
+    }
+    partitions
 }
 
 /// The number of records ever written to `topic` (the sum of its partitions' high
