@@ -512,9 +512,7 @@ impl Reader<'_> {
                         let route = TableRoute::new(relation, Arc::clone(topic), key_names)?;
                         self.routes.insert(route.relation.oid, route);
                     }
-                    None => {
-                        tracing::warn!(table = %format!("{}.{}", key.0, key.1), "published but not configured: its changes are ignored");
-                    }
+                    None => self.follow_renamed_table(relation, &key)?,
                 }
             }
             LogicalMessage::Insert(insert) => {
@@ -649,6 +647,38 @@ impl Reader<'_> {
     async fn send(&mut self, record: crate::event::Record) -> anyhow::Result<()> {
         let acks = Arc::clone(&self.open_tx()?.acks);
         self.producer.send(&record, &acks).await?;
+        Ok(())
+    }
+
+    /// A Relation under a name the configuration does not list is either a published table
+    /// walsync does not capture (ignored), or a captured table that was renamed: its OID is
+    /// the same, so its changes keep flowing to the topic it had, and the operator is told
+    /// what to change before the next restart (docs/runbook.md, "Schema changes").
+    fn follow_renamed_table(
+        &mut self,
+        relation: Arc<crate::postgres::pgoutput::Relation>,
+        name: &(String, String),
+    ) -> anyhow::Result<()> {
+        let new_name = format!("{}.{}", name.0, name.1);
+        let Some(previous) = self.routes.get(&relation.oid) else {
+            tracing::warn!(table = %new_name, "published but not configured: its changes are ignored");
+            return Ok(());
+        };
+        let key_names: Vec<String> = previous
+            .key_columns
+            .iter()
+            .map(|&index| previous.relation.columns[index].name.clone())
+            .collect();
+        let old_name = format!("{}.{}", previous.relation.namespace, previous.relation.name);
+        let topic = Arc::clone(&previous.topic);
+        if old_name != new_name {
+            tracing::warn!(
+                old = %old_name, new = %new_name, topic = %topic,
+                "a captured table was renamed; its changes keep flowing to the same topic. Before the next restart, replace it in postgres.tables and set tables.\"{new_name}\".index to the old alias (or backfill into a new index)"
+            );
+        }
+        let route = TableRoute::new(relation, topic, &key_names)?;
+        self.routes.insert(route.relation.oid, route);
         Ok(())
     }
 

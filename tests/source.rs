@@ -296,3 +296,42 @@ async fn a_partitioned_table_publishes_through_its_root() {
     assert_eq!(source.stop().await, SourceExit::Drained);
     drop_slot(&name).await;
 }
+
+#[tokio::test]
+async fn a_renamed_table_keeps_streaming_to_its_topic() {
+    let name = name("src_rename");
+    let table = format!("public.{name}");
+    let client = sql().await;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id int PRIMARY KEY, note text)"
+        ))
+        .await
+        .expect("create table");
+    let source = RunningSource::start(config_for(&name, &[&table])).await;
+    client
+        .batch_execute(&format!("INSERT INTO {table} VALUES (1, 'before')"))
+        .await
+        .unwrap();
+    client
+        .batch_execute(&format!(
+            "ALTER TABLE {table} RENAME TO {name}_renamed; ALTER TABLE public.{name}_renamed ADD COLUMN extra int"
+        ))
+        .await
+        .unwrap();
+    client
+        .batch_execute(&format!(
+            "INSERT INTO public.{name}_renamed VALUES (2, 'after', 7)"
+        ))
+        .await
+        .unwrap();
+
+    let records = read_topic(&format!("{name}.public.{name}"), 2, Duration::from_secs(60)).await;
+    assert!(source.stop().await == SourceExit::Drained);
+    let after: Vec<&Value> = records.iter().map(|r| &value(r)["after"]).collect();
+    assert!(
+        after.contains(&&json!({"id": 2, "note": "after", "extra": 7})),
+        "the change after the rename, with the new column, reached the table's topic: {after:?}"
+    );
+    drop_slot(&name).await;
+}
