@@ -1,11 +1,15 @@
 # walsync: the two commands a newcomer needs are `make demo` and `make test`.
-.PHONY: demo test stack-up stack-down stack-status build lint fmt
+.PHONY: demo test bench stack-up stack-down stack-status build lint fmt
 
 demo: ## bring the local stack up and show the pipeline
 	scripts/demo
 
 test: ## bring the stack up if needed, run every test suite, stop what was started
 	scripts/test
+
+bench: ## figures on the local stack: source, sink vs raw bulk, end-to-end latency
+	scripts/stack up
+	cargo bench --bench pipeline
 
 stack-up: ## install and start PostgreSQL, Kafka and the search server on 127.0.0.1
 	scripts/stack up

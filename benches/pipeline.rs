@@ -1,0 +1,337 @@
+//! Benchmarks against the local stack that print figures: `make bench`.
+//!
+//! 1. source: one transaction of N rows, commit to "every event acknowledged by Kafka"; events/s
+//!    and the process's CPU seconds per 100k events;
+//! 2. sink: the same N events from Kafka into a new index; documents/s;
+//! 3. raw bulk: the same N documents bulk-indexed straight into a new index by this program,
+//!    batches and parallelism as the sink's (one request in flight per partition); documents/s,
+//!    and the sink's share of it;
+//! 4. end to end at a fixed rate (default 5,000 changes/s): every row updated once; the latency
+//!    of each change from its commit (the event's commit timestamp) to its indexing (an ingest
+//!    pipeline stamps each document as the search server indexes it); p50, p99, max.
+//!
+//! Figures, not pass/fail: timings belong here, not in tests. Sizes: BENCH_ROWS (default
+//! 200000), BENCH_RATE (5000), BENCH_SECONDS (20).
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::kafka::topic_size;
+use common::pipeline::{RunningPipeline, alias_of, pipeline_config, search_client};
+use common::source::{RunningSource, config_for, drop_slot, name, sql};
+use common::wait_for;
+use elasticsearch::http::request::JsonBody;
+use elasticsearch::{BulkParts, Elasticsearch};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use walsync::shell::config::{Config, SnapshotMode};
+use walsync::sink::apply::Sink;
+use walsync::sink::index::{count, refresh};
+
+fn env_or(key: &str, default: u64) -> u64 {
+    std::env::var(key)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the struct we own.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    seconds(usage.ru_utime) + seconds(usage.ru_stime)
+}
+
+const TABLE_SQL: &str = "(id bigint PRIMARY KEY, name text NOT NULL, price numeric(10,2) NOT NULL, \
+     stock int NOT NULL, description text NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())";
+
+async fn create_table(table: &str) {
+    sql()
+        .await
+        .batch_execute(&format!("CREATE TABLE {table} {TABLE_SQL}"))
+        .await
+        .expect("create the bench table");
+}
+
+async fn insert_rows(table: &str, rows: u64) {
+    sql()
+        .await
+        .batch_execute(&format!(
+            "INSERT INTO {table} (id, name, price, stock, description)
+             SELECT g, 'product ' || g, (g % 10000) / 100.0, g % 500,
+                    repeat(md5(g::text), 4)
+             FROM generate_series(1, {rows}) g"
+        ))
+        .await
+        .expect("insert the bench rows");
+}
+
+async fn wait_indexed(client: &Elasticsearch, alias: &str, expected: u64, deadline: Duration) {
+    wait_for("every document indexed", deadline, || async {
+        refresh(client, alias).await.ok()?;
+        (count(client, alias).await.ok()? >= expected).then_some(())
+    })
+    .await;
+}
+
+#[tokio::main]
+async fn main() {
+    let rows = env_or("BENCH_ROWS", 200_000);
+    let rate = env_or("BENCH_RATE", 5_000);
+    let seconds = env_or("BENCH_SECONDS", 20);
+    println!("walsync benchmarks on the local stack: {rows} rows");
+
+    let config = source_bench(rows).await;
+    let sink_rate = sink_bench(&config, rows).await;
+    let raw_rate = raw_bulk_bench(&config, rows).await;
+    println!(
+        "sink / raw bulk         {:>10.1} %   (target ≥ 90 %)",
+        100.0 * sink_rate / raw_rate
+    );
+    drop_slot(&config.postgres.slot).await;
+    latency_bench(rate, seconds).await;
+}
+
+/// Source: returns the configuration whose topic now holds `rows` events.
+async fn source_bench(rows: u64) -> Config {
+    let name = name("bench_src");
+    let table = format!("public.{name}");
+    create_table(&table).await;
+    let mut config = pipeline_config(&name, &[&table]);
+    config.snapshot.mode = SnapshotMode::Never;
+    let source = RunningSource::start(config_for(&name, &[&table])).await;
+    let topic = format!("{name}.public.{name}");
+    let cpu_before = cpu_seconds();
+    insert_rows(&table, rows).await;
+    let committed = Instant::now();
+    wait_for(
+        "every event acknowledged by Kafka",
+        Duration::from_secs(600),
+        || async { (topic_size(&topic) >= rows as i64).then_some(()) },
+    )
+    .await;
+    let elapsed = committed.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu_before;
+    source.stop().await;
+    println!(
+        "source                  {:>10.0} events/s   ({rows} rows in one transaction, {elapsed:.2} s; {:.2} CPU s per 100k events, this process)",
+        rows as f64 / elapsed,
+        cpu / rows as f64 * 100_000.0
+    );
+    config
+}
+
+/// Sink: the topic's events into a new index; returns documents/s.
+async fn sink_bench(config: &Config, rows: u64) -> f64 {
+    let client = search_client();
+    let (table_schema, table_name) = ("public", config.postgres.slot.as_str());
+    let alias = alias_of(config, table_schema, table_name);
+    let (stop, stopped) = watch::channel(false);
+    let sink = Sink::new(config.clone()).await.expect("create the sink");
+    let started = Instant::now();
+    let task = tokio::spawn(async move { sink.run(stopped).await });
+    wait_indexed(&client, &alias, rows, Duration::from_secs(900)).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    stop.send(true).expect("the sink listens");
+    task.await.expect("no panic").expect("the sink stopped");
+    let rate = rows as f64 / elapsed;
+    println!(
+        "sink                    {rate:>10.0} docs/s     ({rows} events from Kafka, {elapsed:.2} s, includes consumer start)"
+    );
+    rate
+}
+
+/// Raw bulk: the sink's documents, read back, bulk-indexed into a new index as the sink would
+/// (same batch size, one request in flight per partition); returns documents/s.
+async fn raw_bulk_bench(config: &Config, rows: u64) -> f64 {
+    let client = search_client();
+    let alias = alias_of(config, "public", &config.postgres.slot);
+    let documents = read_back(&client, &alias, rows).await;
+    let target = format!("{}-raw", config.postgres.slot);
+    client
+        .indices()
+        .create(elasticsearch::indices::IndicesCreateParts::Index(&target))
+        .body(json!({"mappings": walsync::sink::index::default_mappings()}))
+        .send()
+        .await
+        .expect("create the raw index");
+    let batch = config.sink.batch_max_docs.max(1);
+    let parallel = config.kafka.partitions.max(1) as usize;
+    let started = Instant::now();
+    let chunks: Vec<Vec<(String, Value)>> = documents
+        .chunks(batch)
+        .map(<[(String, Value)]>::to_vec)
+        .collect();
+    let mut chunks = chunks.into_iter();
+    loop {
+        let wave: Vec<_> = chunks.by_ref().take(parallel).collect();
+        if wave.is_empty() {
+            break;
+        }
+        let requests = wave.into_iter().map(|chunk| bulk(&client, &target, chunk));
+        futures_util::future::join_all(requests).await;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let rate = rows as f64 / elapsed;
+    println!(
+        "raw bulk                {rate:>10.0} docs/s     (batches of {batch}, {parallel} in flight, {elapsed:.2} s)"
+    );
+    rate
+}
+
+async fn bulk(client: &Elasticsearch, index: &str, chunk: Vec<(String, Value)>) {
+    let mut body: Vec<JsonBody<Value>> = Vec::with_capacity(chunk.len() * 2);
+    for (id, source) in chunk {
+        let version = source["walsync"]["commit_lsn"].as_u64().unwrap_or(1);
+        body.push(
+            json!({"index": {"_id": id, "version": version, "version_type": "external_gte"}})
+                .into(),
+        );
+        body.push(source.into());
+    }
+    let response = client
+        .bulk(BulkParts::Index(index))
+        .body(body)
+        .send()
+        .await
+        .expect("bulk");
+    let result: Value = response.json().await.expect("bulk response");
+    assert_eq!(
+        result["errors"],
+        json!(false),
+        "raw bulk rejected documents"
+    );
+}
+
+/// Every document behind `alias`, by scrolling through it.
+async fn read_back(client: &Elasticsearch, alias: &str, rows: u64) -> Vec<(String, Value)> {
+    let mut documents = Vec::with_capacity(rows as usize);
+    let mut after: Option<Value> = None;
+    loop {
+        let mut query = json!({"size": 5000, "sort": [{"_id": "asc"}]});
+        if let Some(after) = &after {
+            query["search_after"] = after.clone();
+        }
+        let response: Value = client
+            .search(elasticsearch::SearchParts::Index(&[alias]))
+            .body(query)
+            .send()
+            .await
+            .expect("search")
+            .json()
+            .await
+            .expect("search response");
+        let hits = response["hits"]["hits"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        if hits.is_empty() {
+            return documents;
+        }
+        after = hits.last().map(|hit| hit["sort"].clone());
+        for hit in hits {
+            let id = hit["_id"].as_str().unwrap_or_default().to_owned();
+            documents.push((id, hit["_source"].clone()));
+        }
+    }
+}
+
+/// End to end at `rate` changes/s for `seconds`: the latency from commit to indexing of every
+/// change.
+async fn latency_bench(rate: u64, seconds: u64) {
+    let name = name("bench_e2e");
+    let table = format!("public.{name}");
+    let changes = rate * seconds;
+    create_table(&table).await;
+    insert_rows(&table, changes).await;
+    let client = search_client();
+    let pipeline_name = format!("{name}-indexed-at");
+    client
+        .ingest()
+        .put_pipeline(elasticsearch::ingest::IngestPutPipelineParts::Id(&pipeline_name))
+        .body(json!({"processors": [{"set": {"field": "indexed_at", "value": "{{_ingest.timestamp}}"}}]}))
+        .send()
+        .await
+        .expect("create the ingest pipeline");
+    let settings = std::env::temp_dir().join(format!("{name}.settings.json"));
+    std::fs::write(
+        &settings,
+        json!({"index": {"default_pipeline": pipeline_name}}).to_string(),
+    )
+    .expect("write the settings file");
+    let mut config = pipeline_config(&name, &[&table]);
+    config
+        .tables
+        .entry(table.clone())
+        .or_default()
+        .settings_file = Some(settings);
+    let alias = alias_of(&config, "public", &name);
+    let pipeline = RunningPipeline::start(config.clone()).await;
+    wait_indexed(&client, &alias, changes, Duration::from_secs(900)).await;
+
+    // Every row once, in transactions of `per_tick` rows every 10 ms.
+    let writer = sql().await;
+    let per_tick = (rate / 100).max(1);
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    let mut next = 1_u64;
+    while next <= changes {
+        tick.tick().await;
+        let last = (next + per_tick - 1).min(changes);
+        writer
+            .batch_execute(&format!(
+                "UPDATE {table} SET price = price + 1, updated_at = clock_timestamp() WHERE id BETWEEN {next} AND {last}"
+            ))
+            .await
+            .expect("update");
+        next = last + 1;
+    }
+    let achieved = changes as f64 / started.elapsed().as_secs_f64();
+    wait_for("every update indexed", Duration::from_secs(300), || async {
+        refresh(&client, &alias).await.ok()?;
+        versions_moved(&client, &alias, changes)
+            .await?
+            .then_some(())
+    })
+    .await;
+    pipeline.stop().await;
+
+    let mut latencies: Vec<i64> = read_back(&client, &alias, changes)
+        .await
+        .iter()
+        .filter_map(|(_, document)| {
+            let committed = document["walsync"]["source_ts_ms"].as_i64()?;
+            let indexed = chrono::DateTime::parse_from_rfc3339(document["indexed_at"].as_str()?)
+                .ok()?
+                .timestamp_millis();
+            Some(indexed - committed)
+        })
+        .collect();
+    latencies.sort_unstable();
+    let at = |q: f64| latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)];
+    println!(
+        "end to end              p50 {} ms, p99 {} ms, max {} ms   ({} changes at {achieved:.0}/s; target p99 ≤ 100 ms at 5000/s)",
+        at(0.50),
+        at(0.99),
+        at(1.0),
+        latencies.len()
+    );
+    drop_slot(&name).await;
+}
+
+/// True when every document carries its update (its last write is an `u` event).
+async fn versions_moved(client: &Elasticsearch, alias: &str, changes: u64) -> Option<bool> {
+    let response: Value = client
+        .count(elasticsearch::CountParts::Index(&[alias]))
+        .body(json!({"query": {"term": {"walsync.op": "u"}}}))
+        .send()
+        .await
+        .ok()?
+        .json()
+        .await
+        .ok()?;
+    Some(response["count"].as_u64()? >= changes)
+}
