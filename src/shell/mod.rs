@@ -2,10 +2,12 @@
 //!
 //! - `cli`: the command line (`walsync run | source | sink | check | …`).
 //! - `config`: the TOML configuration with environment overrides.
-//! - `metrics`: Prometheus metrics, health and readiness endpoints.
+//! - `metrics`: metric names, descriptions, the Prometheus recorder and per-table handles.
+//! - `health`: the `/metrics`, `/healthz` and `/readyz` endpoints and the readiness state.
 
 pub mod cli;
 pub mod config;
+pub mod health;
 pub mod metrics;
 
 /// Logs through `tracing`: human-readable by default, JSON when `format` is "json". The level
