@@ -399,6 +399,85 @@ mod tests {
         assert_eq!(unique.len(), ALL.len(), "names are unique");
     }
 
+    /// Collects what `describe` describes, with units.
+    #[derive(Default)]
+    struct Descriptions(std::sync::Mutex<Vec<(String, Option<Unit>)>>);
+
+    impl Descriptions {
+        fn add(&self, key: metrics::KeyName, unit: Option<Unit>) {
+            self.0
+                .lock()
+                .expect("not poisoned")
+                .push((key.as_str().to_owned(), unit));
+        }
+    }
+
+    impl metrics::Recorder for Descriptions {
+        fn describe_counter(
+            &self,
+            key: metrics::KeyName,
+            unit: Option<Unit>,
+            _: metrics::SharedString,
+        ) {
+            self.add(key, unit);
+        }
+        fn describe_gauge(
+            &self,
+            key: metrics::KeyName,
+            unit: Option<Unit>,
+            _: metrics::SharedString,
+        ) {
+            self.add(key, unit);
+        }
+        fn describe_histogram(
+            &self,
+            key: metrics::KeyName,
+            unit: Option<Unit>,
+            _: metrics::SharedString,
+        ) {
+            self.add(key, unit);
+        }
+        fn register_counter(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> Counter {
+            Counter::noop()
+        }
+        fn register_gauge(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Gauge {
+            metrics::Gauge::noop()
+        }
+        fn register_histogram(
+            &self,
+            _: &metrics::Key,
+            _: &metrics::Metadata<'_>,
+        ) -> metrics::Histogram {
+            metrics::Histogram::noop()
+        }
+    }
+
+    #[test]
+    fn every_metric_is_described_once_with_a_unit_that_matches_its_name() {
+        let recorder = Descriptions::default();
+        metrics::with_local_recorder(&recorder, describe);
+        let described = recorder.0.into_inner().expect("not poisoned");
+        let names: Vec<&str> = described.iter().map(|(name, _)| name.as_str()).collect();
+        let mut sorted_names = names.clone();
+        sorted_names.sort_unstable();
+        let mut all = ALL.to_vec();
+        all.sort_unstable();
+        assert_eq!(
+            sorted_names, all,
+            "described exactly the metrics in ALL, once each"
+        );
+        for (name, unit) in &described {
+            let expected = if name.ends_with("_seconds") {
+                Unit::Seconds
+            } else if name.ends_with("_bytes") {
+                Unit::Bytes
+            } else {
+                Unit::Count
+            };
+            assert_eq!(*unit, Some(expected), "{name}");
+        }
+    }
+
     #[test]
     fn every_op_code_has_a_counter_and_others_are_ignored() {
         for op in ["c", "u", "d", "t", "r"] {
