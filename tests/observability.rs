@@ -131,6 +131,18 @@ async fn health_readiness_and_metrics_move_under_load() {
         "log_format = json writes JSON lines:\n{log}"
     );
     assert!(log.contains("serving /metrics"), "{log}");
+    let password = common::stack()
+        .pg_url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split_once('@'))
+        .and_then(|(credentials, _)| credentials.split_once(':'))
+        .map(|(_, password)| password.to_owned());
+    if let Some(password) = password.filter(|p| p.len() >= 4) {
+        assert!(
+            !log.contains(&password),
+            "the PostgreSQL password is in the log"
+        );
+    }
     drop_slot(&name).await;
 }
 
