@@ -181,3 +181,37 @@ async fn a_taken_listen_address_stops_walsync_and_names_the_key() {
     );
     drop(taken);
 }
+
+#[tokio::test]
+async fn a_sink_whose_search_server_hangs_is_alive_but_not_ready() {
+    let name = name("obs_hung");
+    // A "search server" that accepts connections and never answers, like a hung process.
+    let hung = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let hung_url = format!("http://{}", hung.local_addr().expect("address"));
+    let address = free_address();
+    let config = format!(
+        "{}\n[metrics]\nlisten = {address:?}\n",
+        pipeline_config(&name, &[]).replace(&common::stack().es_url, &hung_url)
+    );
+    let _walsync = Walsync::spawn_binary(&test_binary(), "sink", &name, &config);
+
+    // Once Kafka has answered the probe, the search server is the one reason left.
+    let body = wait_for(
+        "/readyz to name only the search server",
+        Duration::from_secs(60),
+        || async {
+            get(&address, "/readyz")
+                .await
+                .filter(|(code, body)| *code == 503 && !body.contains("kafka"))
+                .map(|(_, body)| body)
+        },
+    )
+    .await;
+    assert_eq!(
+        body, "not ready: sink: the search server has not answered yet\n",
+        "a sink has no source part"
+    );
+    let (status, _) = get(&address, "/healthz").await.expect("an answer");
+    assert_eq!(status, 200, "alive while unready");
+    drop(hung);
+}
