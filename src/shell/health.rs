@@ -419,10 +419,12 @@ fn report_consumer_lag(consumer: &BaseConsumer, before: Vec<(String, i32)>) -> V
         }
     };
     for element in committed.elements() {
+        // One slow answer means Kafka is struggling: stop here rather than hold up the
+        // readiness probe on the same thread for every partition.
         let Ok((low, high)) =
             consumer.fetch_watermarks(element.topic(), element.partition(), PROBE_TIMEOUT)
         else {
-            continue;
+            break;
         };
         // Nothing committed yet: the sink starts from the oldest retained offset.
         let position = match element.offset() {
