@@ -102,12 +102,14 @@ async fn health_readiness_and_metrics_move_under_load() {
     assert_eq!(sum(&body, metrics::SINK_BREAKER_OPEN, &[]), Some(0.0));
 
     // Lag gauges: the source's at once, the consumer's once the lag probe has run. Everything
-    // was applied, so the consumer lag of the table's topic settles at 0.
+    // was applied, so the consumer lag of the table's topic settles at 0. The sink holds the
+    // table topic's 3 partitions.
     let topic = format!("{name}.public.{name}");
     let body = wait_metrics(&address, "the lag gauges", |body| {
         sum(body, metrics::SOURCE_REPLICATION_LAG_BYTES, &[]).is_some()
             && sum(body, metrics::SOURCE_REPLICATION_LAG_SECONDS, &[]).is_some()
             && sum(body, metrics::SINK_CONSUMER_LAG, &[("topic", &topic)]) == Some(0.0)
+            && sum(body, metrics::SINK_ASSIGNED_PARTITIONS, &[]) == Some(3.0)
     })
     .await;
 

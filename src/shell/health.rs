@@ -444,6 +444,7 @@ pub async fn watch_sink(sink: &Sink) -> Infallible {
     loop {
         ticker.tick().await;
         let assignment = sink.assignment();
+        ::metrics::gauge!(metrics::SINK_ASSIGNED_PARTITIONS).set(assignment.len() as f64);
         if let Ok(mut shared) = HEALTH.assignment.lock() {
             *shared = assignment;
         }

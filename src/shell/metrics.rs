@@ -33,6 +33,7 @@ pub const SINK_EVENTS_CONSUMED: &str = "walsync_sink_events_consumed_total";
 pub const SINK_DOCUMENTS_INDEXED: &str = "walsync_sink_documents_indexed_total";
 pub const SINK_VERSION_CONFLICTS: &str = "walsync_sink_version_conflicts_total";
 pub const SINK_CONSUMER_LAG: &str = "walsync_sink_consumer_lag_messages";
+pub const SINK_ASSIGNED_PARTITIONS: &str = "walsync_sink_assigned_partitions";
 pub const SINK_BULK_SECONDS: &str = "walsync_sink_bulk_request_duration_seconds";
 pub const SINK_BULK_BYTES: &str = "walsync_sink_bulk_request_size_bytes";
 pub const SINK_COMMIT_TO_INDEXED_SECONDS: &str = "walsync_sink_commit_to_indexed_seconds";
@@ -58,6 +59,7 @@ pub const ALL: &[&str] = &[
     SINK_DOCUMENTS_INDEXED,
     SINK_VERSION_CONFLICTS,
     SINK_CONSUMER_LAG,
+    SINK_ASSIGNED_PARTITIONS,
     SINK_BULK_SECONDS,
     SINK_BULK_BYTES,
     SINK_COMMIT_TO_INDEXED_SECONDS,
@@ -174,6 +176,11 @@ pub fn describe() {
         SINK_CONSUMER_LAG,
         Unit::Count,
         "Events in Kafka not yet applied by this sink: the partition's last stable offset minus the group's committed offset, by topic and partition"
+    );
+    describe_gauge!(
+        SINK_ASSIGNED_PARTITIONS,
+        Unit::Count,
+        "Partitions assigned to this sink by its consumer group (0: not joined yet, or more sinks than partitions)"
     );
     describe_histogram!(
         SINK_BULK_SECONDS,
