@@ -7,6 +7,7 @@ use walsync::postgres::catalog::Catalog;
 use walsync::postgres::slot;
 use walsync::shell::cli::{Cli, Command};
 use walsync::shell::config::Config;
+use walsync::shell::health::{self, Roles};
 use walsync::sink::apply::Sink;
 use walsync::source::{self, SourceExit};
 
@@ -37,6 +38,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     walsync::shell::init_logging(&config.metrics.log_format);
     match cli.command {
         Command::Source => {
+            let _endpoints = health::start(&config, Roles::SOURCE).await?;
             let (_stopper, stop) = stop_on_signal();
             match source::run(config, stop).await? {
                 SourceExit::Drained => Ok(ExitCode::SUCCESS),
@@ -44,12 +46,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         }
         Command::Sink => {
+            let _endpoints = health::start(&config, Roles::SINK).await?;
             let sink = Sink::new(config).await?;
             let (_stopper, stop) = stop_on_signal();
-            sink.run(stop).await?;
+            tokio::select! {
+                result = sink.run(stop) => result?,
+                never = health::watch_sink(&sink) => match never {},
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Run => {
+            let _endpoints = health::start(&config, Roles::BOTH).await?;
             let stop = stop_on_signal();
             let sink = Sink::new(config.clone()).await?;
             // Whichever half ends first (a signal, or an error) stops the other.
@@ -60,7 +67,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 result
             };
             let sink_half = async {
-                let result = sink.run(stop.1.clone()).await;
+                let result = tokio::select! {
+                    result = sink.run(stop.1.clone()) => result,
+                    never = health::watch_sink(&sink) => match never {},
+                };
                 let _ = stop.0.send(true);
                 result
             };

@@ -33,6 +33,8 @@ use crate::postgres::slot::{self, CapturedTable};
 use crate::postgres::snapshot;
 use crate::postgres::types::{Codec, CodecOptions};
 use crate::shell::config::{Config, SnapshotMode, SslMode};
+use crate::shell::health::HEALTH;
+use crate::shell::metrics::{CommitTimes, SourceCounters, record_source_progress};
 
 /// How the source ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +117,12 @@ pub async fn run(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::Res
         codec.register(oid, kind);
     }
     let producer = Arc::new(EventProducer::new(&config.kafka)?);
+    producer.count_into(Arc::new(SourceCounters::new(
+        tables
+            .iter()
+            .zip(&topic_names)
+            .map(|(table, topic)| (table.qualified_name(), topic.as_str())),
+    )));
     let routes_by_name: RouteTargets = tables
         .iter()
         .zip(&topic_names)
@@ -207,10 +215,13 @@ async fn stream_once(
     let (stream, status) = client
         .start_replication(slot_name, start, &config.postgres.publication)
         .await?;
+    let _stream_open = HEALTH.stream_opened();
     let shared = Arc::new(SharedProgress {
         frontier: Mutex::new(FlushFrontier::new(start)),
         received: AtomicU64::new(start.as_u64()),
         reply_now: Notify::new(),
+        server_wal_end: AtomicU64::new(start.as_u64()),
+        commit_times: Mutex::new(CommitTimes::default()),
     });
     let status_task = tokio::spawn(send_status(
         status,
@@ -355,6 +366,10 @@ struct SharedProgress {
     /// The newest WAL position received (the status update's `written`).
     received: AtomicU64,
     reply_now: Notify,
+    /// The server's end of WAL, from data messages and keepalives: for the lag metric only.
+    server_wal_end: AtomicU64,
+    /// Commit times of unconfirmed transactions: for the lag metric only.
+    commit_times: Mutex<CommitTimes>,
 }
 
 impl SharedProgress {
@@ -370,6 +385,16 @@ impl SharedProgress {
             Err(_) => (Lsn::ZERO, false),
         };
         let received = Lsn(self.received.load(Ordering::Acquire)).max(flushed);
+        let oldest_unconfirmed = self
+            .commit_times
+            .lock()
+            .ok()
+            .and_then(|mut times| times.oldest_unconfirmed(flushed.as_u64()));
+        record_source_progress(
+            flushed.as_u64(),
+            self.server_wal_end.load(Ordering::Acquire),
+            if idle { None } else { oldest_unconfirmed },
+        );
         StatusUpdate {
             written: received,
             flushed,
@@ -452,11 +477,16 @@ impl Reader<'_> {
             };
             match message {
                 ReplicationMessage::XLogData {
-                    wal_start, data, ..
+                    wal_start,
+                    wal_end,
+                    data,
                 } => {
                     self.shared
                         .received
                         .fetch_max(wal_start.as_u64(), Ordering::AcqRel);
+                    self.shared
+                        .server_wal_end
+                        .fetch_max(wal_end.as_u64(), Ordering::AcqRel);
                     let decoded =
                         pgoutput::decode(data).context("cannot decode a pgoutput message")?;
                     self.apply(wal_start, decoded).await?;
@@ -468,6 +498,9 @@ impl Reader<'_> {
                     if let Ok(mut frontier) = self.shared.frontier.lock() {
                         frontier.observe_keepalive(wal_end);
                     }
+                    self.shared
+                        .server_wal_end
+                        .fetch_max(wal_end.as_u64(), Ordering::AcqRel);
                     if reply_requested {
                         self.shared.reply_now.notify_one();
                     }
@@ -485,6 +518,12 @@ impl Reader<'_> {
                     .lock()
                     .map_err(|_| anyhow::anyhow!("frontier lock poisoned"))?
                     .begin();
+                if let Ok(mut times) = self.shared.commit_times.lock() {
+                    times.begin(
+                        begin.final_lsn.as_u64(),
+                        pgoutput::pg_epoch_micros_to_unix_millis(begin.commit_time_micros),
+                    );
+                }
                 self.tx = Some(OpenTx {
                     context: TxContext {
                         xid: begin.xid,
@@ -646,6 +685,9 @@ impl Reader<'_> {
 
     async fn send(&mut self, record: crate::event::Record) -> anyhow::Result<()> {
         let acks = Arc::clone(&self.open_tx()?.acks);
+        if let (Some(counters), Some(_)) = (self.producer.counters(), &record.value) {
+            counters.read(&record.topic, record.headers.op.code());
+        }
         self.producer.send(&record, &acks).await?;
         Ok(())
     }

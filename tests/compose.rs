@@ -72,6 +72,17 @@ fn compose_publishes_each_port_on_loopback_only() {
 }
 
 #[test]
+fn compose_walsync_serves_metrics_on_every_interface_of_its_container() {
+    let compose = compose();
+    let environment = &service(&compose, "walsync")["environment"];
+    assert_eq!(
+        environment["WALSYNC_METRICS__LISTEN"].as_str(),
+        Some("0.0.0.0:9898"),
+        "a container's loopback is unreachable through the published port 9898"
+    );
+}
+
+#[test]
 fn compose_elasticsearch_is_single_node_without_security() {
     let compose = compose();
     let environment = &service(&compose, "elasticsearch")["environment"];

@@ -6,22 +6,26 @@
 //! messages and bytes; a full queue makes `send` wait, which stops WAL reading upstream.
 //!
 //! Each record carries its transaction's `Arc<TxAcks>` as the delivery opaque, so the delivery
-//! callback acknowledges it without a lookup or a lock.
+//! callback acknowledges it without a lookup or a lock. The callback also counts the event
+//! (per-table counters registered once, looked up by topic), records the delivery latency from
+//! the record's create timestamp, and tells readiness that Kafka answered.
 
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use rdkafka::ClientConfig;
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders, Timestamp};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use tokio::sync::Notify;
 
 use crate::event::Record;
 use crate::kafka::frontier::TxAcks;
 use crate::shell::config::KafkaConfig;
+use crate::shell::health::HEALTH;
+use crate::shell::metrics::{self, SourceCounters};
 
 /// librdkafka settings walsync sets itself and refuses from `kafka.extra`.
 const OWNED_SETTINGS: &[&str] = &[
@@ -96,6 +100,37 @@ pub struct DeliveryContext {
     refused: Mutex<Option<String>>,
     /// Wakes whoever waits in [`EventProducer::wait_refused`].
     refusal: Notify,
+    /// Per-table event counters, set once the source knows its tables.
+    counters: OnceLock<Arc<SourceCounters>>,
+    delivery_seconds: ::metrics::Histogram,
+}
+
+impl DeliveryContext {
+    /// Counts an acknowledged event and records how long Kafka took (from the record's create
+    /// timestamp, which librdkafka sets when the record is handed over).
+    fn observe_delivery(&self, message: &BorrowedMessage<'_>) {
+        use rdkafka::Message;
+        if message.payload().is_none() {
+            return; // a compaction tombstone, not an event
+        }
+        if let Timestamp::CreateTime(created) = message.timestamp() {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |now| now.as_millis() as i64);
+            self.delivery_seconds
+                .record((now - created).max(0) as f64 / 1000.0);
+        }
+        if let Some(counters) = self.counters.get() {
+            let op = message
+                .headers()
+                .and_then(|headers| headers.iter().find(|header| header.key == "op"))
+                .and_then(|header| header.value)
+                .and_then(|value| std::str::from_utf8(value).ok());
+            if let Some(op) = op {
+                counters.produced(message.topic(), op);
+            }
+        }
+    }
 }
 
 impl ClientContext for DeliveryContext {
@@ -108,8 +143,12 @@ impl ProducerContext for DeliveryContext {
     type DeliveryOpaque = Arc<TxAcks>;
 
     fn delivery(&self, result: &DeliveryResult<'_>, acks: Arc<TxAcks>) {
+        HEALTH.delivery_done();
         match result {
-            Ok(_) => acks.event_acknowledged(),
+            Ok(message) => {
+                acks.event_acknowledged();
+                self.observe_delivery(message);
+            }
             Err((error, message)) => {
                 acks.event_failed();
                 let reason = describe_refusal(error, rdkafka::Message::topic(message));
@@ -148,11 +187,23 @@ impl EventProducer {
             queue_space: Notify::new(),
             refused: Mutex::new(None),
             refusal: Notify::new(),
+            counters: OnceLock::new(),
+            delivery_seconds: ::metrics::histogram!(metrics::SOURCE_KAFKA_DELIVERY_SECONDS),
         };
         let producer = producer_config(config)?
             .create_with_context(context)
             .map_err(ProducerError::Create)?;
         Ok(Self { producer })
+    }
+
+    /// Counts acknowledged events per table from now on (set once; later calls are ignored).
+    pub fn count_into(&self, counters: Arc<SourceCounters>) {
+        let _ = self.producer.context().counters.set(counters);
+    }
+
+    /// The per-table counters given to [`count_into`](Self::count_into), if any.
+    pub fn counters(&self) -> Option<&SourceCounters> {
+        self.producer.context().counters.get().map(Arc::as_ref)
     }
 
     /// Hands one record to the producer, counted against `acks`. Waits while the producer's
@@ -168,7 +219,10 @@ impl EventProducer {
         }
         loop {
             match self.producer.send(pending) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    HEALTH.delivery_sent();
+                    return Ok(());
+                }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                     pending = returned;
                     // Woken by a delivery report; the timeout covers a report that raced us.

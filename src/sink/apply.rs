@@ -39,6 +39,8 @@ use crate::postgres::catalog::Catalog;
 use crate::postgres::replication::quote_identifier;
 use crate::postgres::types::Codec;
 use crate::shell::config::{Config, DeleteMode, TableConfig};
+use crate::shell::health::HEALTH;
+use crate::shell::metrics::{self, SinkTableMetrics};
 use crate::sink::bulk::{
     ActionKind, BulkAction, BulkFailure, BulkRequest, ItemOutcome, RetryCause, classify_response,
 };
@@ -66,6 +68,7 @@ pub struct SinkStats {
 struct TableTarget {
     alias: String,
     shape: DocumentShape,
+    metrics: SinkTableMetrics,
 }
 
 /// Consumer context: checks every newly assigned partition for a gap (a committed offset that
@@ -197,6 +200,20 @@ impl Sink {
         self.consumer
             .assignment()
             .map_or(0, |assignment| assignment.count())
+    }
+
+    /// The partitions this sink holds right now, as (topic, partition).
+    pub fn assignment(&self) -> Vec<(String, i32)> {
+        self.consumer.assignment().map_or_else(
+            |_| Vec::new(),
+            |assignment| {
+                assignment
+                    .elements()
+                    .iter()
+                    .map(|element| (element.topic().to_owned(), element.partition()))
+                    .collect()
+            },
+        )
     }
 
     /// Runs until `stop` turns true (finishing the batch in hand) or an error an operator must
@@ -331,6 +348,7 @@ impl Sink {
                 }
             };
             let target = self.target(&envelope).await?;
+            target.metrics.consumed.add(envelope.op.code(), 1);
             if envelope.op == EnvelopeOp::Truncate {
                 self.write(std::mem::take(&mut pending)).await?;
                 self.truncate(&envelope, &target).await?;
@@ -370,6 +388,7 @@ impl Sink {
         let target = Arc::new(TableTarget {
             shape: DocumentShape::new(&qualified, &table_config)?,
             alias,
+            metrics: SinkTableMetrics::new(&qualified),
         });
         targets.insert(key, Arc::clone(&target));
         Ok(target)
@@ -397,6 +416,7 @@ impl Sink {
                 Err(error) => return Err(error),
             };
             self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            ::metrics::counter!(metrics::SINK_RETRIES).increment(1);
             tracing::warn!(%alias, error = %format!("{error:#}"), "cannot check the index yet; retrying");
             backoff.wait().await;
         }
@@ -522,6 +542,7 @@ impl Sink {
                 }
                 Err(failure) => {
                     self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                    ::metrics::counter!(metrics::SINK_RETRIES).increment(1);
                     tracing::warn!(%failure, "bulk request failed; retrying");
                     backoff.wait().await;
                     continue;
@@ -531,9 +552,23 @@ impl Sink {
             let mut dead = Vec::new();
             let mut missing_index = false;
             let (mut applied, mut stale) = (0_u64, 0_u64);
+            let now_ms = unix_millis();
             for (item, outcome) in request.items.iter().zip(outcomes) {
                 // Collapsed events share their item's outcome: count each of them.
                 let events = item.positions().len() as u64;
+                let sources = || item.positions().into_iter().map(|p| &pending[origins[p]]);
+                match &outcome {
+                    ItemOutcome::Done | ItemOutcome::AlreadyDeleted => sources().for_each(|p| {
+                        let op = p.envelope.op.code();
+                        p.target
+                            .metrics
+                            .written(op, p.envelope.source.ts_ms, now_ms)
+                    }),
+                    ItemOutcome::Stale => {
+                        sources().for_each(|p| p.target.metrics.conflicts.increment(1))
+                    }
+                    _ => {}
+                }
                 match outcome {
                     ItemOutcome::Done => {
                         let counter = if item.operation == crate::sink::bulk::BulkOperation::Delete
@@ -579,6 +614,7 @@ impl Sink {
                     .await;
             }
             self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            ::metrics::counter!(metrics::SINK_RETRIES).increment(1);
             let kept_actions = retry_positions
                 .iter()
                 .map(|p| actions[*p].clone())
@@ -591,6 +627,8 @@ impl Sink {
     }
 
     async fn post_bulk(&self, request: &BulkRequest) -> Result<Vec<ItemOutcome>, BulkFailure> {
+        let started = Instant::now();
+        ::metrics::histogram!(metrics::SINK_BULK_BYTES).record(request.body.len() as f64);
         let response = self
             .client
             .send(
@@ -609,6 +647,10 @@ impl Sink {
         let body = response.bytes().await.map_err(|error| BulkFailure::Retry {
             reason: format!("reading the response: {error}"),
         })?;
+        ::metrics::histogram!(metrics::SINK_BULK_SECONDS).record(started.elapsed().as_secs_f64());
+        if status < 500 {
+            HEALTH.search_answered();
+        }
         classify_response(request, status, &body)
     }
 
@@ -681,6 +723,7 @@ impl Sink {
             recent.pop_front();
         }
         if recent.len() + count > limit {
+            ::metrics::gauge!(metrics::SINK_BREAKER_OPEN).set(1.0);
             bail!(
                 "dead-letter breaker tripped: {} documents rejected within a minute (limit sink.dlq_breaker_per_minute = {limit}); \
                  first reason: {first_reason}. Nothing was dead-lettered or committed for this batch. \
@@ -739,6 +782,8 @@ impl Sink {
                 )
             })?;
         self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        ::metrics::counter!(metrics::SINK_DEAD_LETTERS, "topic" => message.topic().to_owned())
+            .increment(1);
         Ok(())
     }
 
@@ -1192,6 +1237,12 @@ async fn write_truncate_mark(
         bail!("cannot record the truncate mark on {alias}: {body}");
     }
     Ok(())
+}
+
+fn unix_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |now| now.as_millis() as i64)
 }
 
 fn regex_escape(text: &str) -> String {

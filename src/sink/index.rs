@@ -264,7 +264,7 @@ pub fn versioned_index_name(alias: &str, version: u32) -> String {
 /// are configured.
 pub fn build_client(config: &ElasticsearchConfig) -> Result<Elasticsearch, IndexError> {
     let mut url = Url::parse(&config.url).map_err(|error| IndexError::InvalidUrl {
-        url: config.url.clone(),
+        url: crate::shell::redact_url(&config.url),
         reason: error.to_string(),
     })?;
     // reqwest would send URL credentials as a second Authorization header.

@@ -2,6 +2,7 @@
 //! waiting on a condition with a deadline.
 #![allow(dead_code)]
 
+pub mod endpoints;
 pub mod kafka;
 pub mod literals;
 pub mod pipeline;

@@ -21,6 +21,11 @@ pub fn release_binary() -> PathBuf {
     path
 }
 
+/// The debug binary cargo built for this test run (no release build needed).
+pub fn test_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_walsync"))
+}
+
 /// A source configuration for one test: its own slot, publication and topic prefix.
 pub fn source_config(name: &str, tables: &[&str]) -> String {
     let tables: Vec<String> = tables.iter().map(|t| format!("{t:?}")).collect();
@@ -70,6 +75,11 @@ pub struct Walsync {
 impl Walsync {
     /// Starts `walsync <command> --config <file>` with `config` written to a temporary file.
     pub fn spawn(command: &str, name: &str, config: &str) -> Self {
+        Self::spawn_binary(&release_binary(), command, name, config)
+    }
+
+    /// Like [`spawn`](Self::spawn), with another binary (e.g. [`test_binary`]).
+    pub fn spawn_binary(binary: &std::path::Path, command: &str, name: &str, config: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("walsync-test-{name}"));
         std::fs::create_dir_all(&dir).expect("create the test directory");
         let config_path = dir.join("walsync.toml");
@@ -80,7 +90,7 @@ impl Walsync {
             .append(true)
             .open(&log)
             .expect("open the log");
-        let child = Command::new(release_binary())
+        let child = Command::new(binary)
             .arg(command)
             .arg("--config")
             .arg(&config_path)
