@@ -3,10 +3,15 @@
 //! - `cli`: the command line (`walsync run | source | sink | check | …`).
 //! - `config`: the TOML configuration with environment overrides.
 //! - `metrics`: Prometheus metrics, health and readiness endpoints.
+//! - `check`, `slot_command`, `verify`: the operator's commands `check`, `slot status|drop`
+//!   and `verify`.
 
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod metrics;
+pub mod slot_command;
+pub mod verify;
 
 /// Logs through `tracing`: human-readable by default, JSON when `format` is "json". The level
 /// comes from `RUST_LOG` (default `info`).
