@@ -104,8 +104,14 @@ async fn check_passes_every_check_against_the_good_stack() {
     assert_eq!(outcome.code, 0, "{outcome}");
     let lines: Vec<&str> = outcome.stdout.lines().collect();
     let (summary, checks) = lines.split_last().expect("output");
-    assert!(summary.starts_with("all ") && summary.ends_with(" checks passed"), "{outcome}");
-    assert!(checks.iter().all(|line| line.starts_with("✓ ")), "{outcome}");
+    assert!(
+        summary.starts_with("all ") && summary.ends_with(" checks passed"),
+        "{outcome}"
+    );
+    assert!(
+        checks.iter().all(|line| line.starts_with("✓ ")),
+        "{outcome}"
+    );
     for expected in [
         "✓ wal_level = logical",
         "✓ role walsync may replicate",
@@ -116,7 +122,10 @@ async fn check_passes_every_check_against_the_good_stack() {
         "reachable: OpenSearch",
         &format!("✓ index {name}-public.{name}: alias does not exist yet"),
     ] {
-        assert!(outcome.stdout.contains(expected), "{expected:?} missing:\n{outcome}");
+        assert!(
+            outcome.stdout.contains(expected),
+            "{expected:?} missing:\n{outcome}"
+        );
     }
     // It changed nothing: no publication, no slot, no topic.
     let client = sql().await;
@@ -130,7 +139,10 @@ async fn check_passes_every_check_against_the_good_stack() {
         .get(0);
     assert_eq!(publications, 0);
     let again = walsync(&["check"], &name, &pipeline_config(&name, &[&table])).await;
-    assert!(again.stdout.contains("missing; creatable"), "the topic was not created:\n{again}");
+    assert!(
+        again.stdout.contains("missing; creatable"),
+        "the topic was not created:\n{again}"
+    );
 }
 
 #[tokio::test]
@@ -153,9 +165,15 @@ async fn check_names_wal_level_replica_with_its_fix() {
     assert_failed_check(
         &outcome,
         "wal_level",
-        &["wal_level is 'replica'", "ALTER SYSTEM SET wal_level = logical"],
+        &[
+            "wal_level is 'replica'",
+            "ALTER SYSTEM SET wal_level = logical",
+        ],
     );
-    assert!(outcome.stdout.contains(&format!("✓ table {table}")), "{outcome}");
+    assert!(
+        outcome.stdout.contains(&format!("✓ table {table}")),
+        "{outcome}"
+    );
 }
 
 #[tokio::test]
@@ -239,9 +257,10 @@ async fn slot_status_shows_a_running_source_and_drop_refuses_while_it_streams() 
     let status = walsync(&["slot", "status"], &name, &config).await;
     assert_eq!(status.code, 0, "{status}");
     assert!(
-        status
-            .stdout
-            .starts_with(&format!("slot {name} (database {}, plugin pgoutput)", database())),
+        status.stdout.starts_with(&format!(
+            "slot {name} (database {}, plugin pgoutput)",
+            database()
+        )),
         "{status}"
     );
     let field = |label: &str| -> String {
@@ -258,9 +277,8 @@ async fn slot_status_shows_a_running_source_and_drop_refuses_while_it_streams() 
         .next()
         .and_then(|pid| pid.parse().ok())
         .unwrap_or_else(|| panic!("an active pid:\n{status}"));
-    let confirmed: walsync::postgres::lsn::Lsn = field("confirmed_flush_lsn:")
-        .parse()
-        .expect("an LSN");
+    let confirmed: walsync::postgres::lsn::Lsn =
+        field("confirmed_flush_lsn:").parse().expect("an LSN");
     let (active_pid, slot_confirmed): (i32, String) = {
         let row = client
             .query_one(
@@ -275,7 +293,10 @@ async fn slot_status_shows_a_running_source_and_drop_refuses_while_it_streams() 
     let now: walsync::postgres::lsn::Lsn = slot_confirmed.parse().expect("an LSN");
     assert!(confirmed <= now, "{confirmed} printed, {now} now");
     assert!(field("wal_status:").starts_with("reserved"), "{status}");
-    assert!(field("lag (bytes):").contains("not yet confirmed"), "{status}");
+    assert!(
+        field("lag (bytes):").contains("not yet confirmed"),
+        "{status}"
+    );
     assert!(field("lag (time):").contains("flush_lag"), "{status}");
 
     let refused = walsync(&["slot", "drop", "--yes"], &name, &config).await;
@@ -301,22 +322,28 @@ async fn slot_drop_refuses_without_yes_then_drops_the_slot_and_its_records() {
         .expect("create the table");
     // A source that ran once: its slot, and walsync's records of it.
     let source = RunningSource::start(config_for(&name, &[&table])).await;
-    wait_for("the table's copy to be recorded", Duration::from_secs(60), || async {
-        (records(&client, &name).await.2 == 1).then_some(())
-    })
+    wait_for(
+        "the table's copy to be recorded",
+        Duration::from_secs(60),
+        || async { (records(&client, &name).await.2 == 1).then_some(()) },
+    )
     .await;
     source.stop().await;
     // The slot is inactive a moment after the source stopped.
-    wait_for("the slot to be released", Duration::from_secs(30), || async {
-        client
-            .query_opt(
-                "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
-                &[&name],
-            )
-            .await
-            .ok()
-            .flatten()
-    })
+    wait_for(
+        "the slot to be released",
+        Duration::from_secs(30),
+        || async {
+            client
+                .query_opt(
+                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1 AND NOT active",
+                    &[&name],
+                )
+                .await
+                .ok()
+                .flatten()
+        },
+    )
     .await;
     assert_eq!(records(&client, &name).await, (1, 1, 1));
     let config = source_config(&name, &[&table]);
@@ -325,11 +352,18 @@ async fn slot_drop_refuses_without_yes_then_drops_the_slot_and_its_records() {
     assert_ne!(refused.code, 0, "{refused}");
     assert!(refused.stdout.contains("without --yes"), "{refused}");
     assert!(refused.stdout.contains("no longer holds WAL"), "{refused}");
-    assert_eq!(records(&client, &name).await, (1, 1, 1), "nothing was dropped");
+    assert_eq!(
+        records(&client, &name).await,
+        (1, 1, 1),
+        "nothing was dropped"
+    );
 
     let dropped = walsync(&["slot", "drop", "--yes"], &name, &config).await;
     assert_eq!(dropped.code, 0, "{dropped}");
-    assert!(dropped.stdout.contains(&format!("dropped slot {name}")), "{dropped}");
+    assert!(
+        dropped.stdout.contains(&format!("dropped slot {name}")),
+        "{dropped}"
+    );
     assert_eq!(records(&client, &name).await, (0, 0, 0));
 
     let status = walsync(&["slot", "status"], &name, &config).await;
@@ -408,9 +442,14 @@ async fn verify_finds_no_difference_under_a_live_workload_and_names_an_altered_d
     let rounds = workload.await.expect("the workload ran");
     assert!(rounds > 0);
     assert_eq!(verified.code, 0, "{verified}");
-    assert!(verified.stdout.contains(&format!("{table}: ")), "{verified}");
     assert!(
-        verified.stdout.contains("verify: no divergence in 1 table(s)"),
+        verified.stdout.contains(&format!("{table}: ")),
+        "{verified}"
+    );
+    assert!(
+        verified
+            .stdout
+            .contains("verify: no divergence in 1 table(s)"),
         "{verified}"
     );
 
@@ -425,7 +464,10 @@ async fn verify_finds_no_difference_under_a_live_workload_and_names_an_altered_d
     let document: Value = response.json().await.expect("document 5");
     let mut source = document["_source"].clone();
     source["price"] = json!("999.99");
-    let index = document["_index"].as_str().expect("the concrete index").to_owned();
+    let index = document["_index"]
+        .as_str()
+        .expect("the concrete index")
+        .to_owned();
     let written = search
         .index(IndexParts::IndexId(&index, "5"))
         .body(source)

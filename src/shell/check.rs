@@ -114,7 +114,11 @@ async fn check_postgres(config: &Config, checks: &mut Checks) -> Option<String> 
     let catalog = match tokio::time::timeout(STEP_TIMEOUT, Catalog::connect(&params)).await {
         Ok(Ok(catalog)) => catalog,
         Ok(Err(error)) => {
-            checks.fail(&target, connect_problem(&error), connect_fix(&error, &params));
+            checks.fail(
+                &target,
+                connect_problem(&error),
+                connect_fix(&error, &params),
+            );
             println!("  (the other PostgreSQL checks need a connection: skipped)");
             return None;
         }
@@ -237,7 +241,11 @@ async fn catalog_checks(
     slot::check_role(catalog, &mut problems).await?;
     checks.problems(
         "replication privilege",
-        format!("role {} may replicate ({})", role.name, privilege_source(&role)),
+        format!(
+            "role {} may replicate ({})",
+            role.name,
+            privilege_source(&role)
+        ),
         problems,
     );
 
@@ -359,7 +367,9 @@ async fn check_tables(
             checks.fail(
                 format!("table {qualified}"),
                 format!("configured key_columns {} do not exist", unknown.join(", ")),
-                format!("name existing unique NOT NULL columns in tables.\"{qualified}\".key_columns"),
+                format!(
+                    "name existing unique NOT NULL columns in tables.\"{qualified}\".key_columns"
+                ),
             );
             continue;
         }
@@ -414,9 +424,7 @@ async fn unknown_columns(
 /// What the replica identity means for unchanged TOASTed values (design invariant 6).
 fn toast_note(replica_identity: char) -> &'static str {
     match replica_identity {
-        'f' => {
-            "replica identity FULL: unchanged TOAST values are filled from the old tuple"
-        }
+        'f' => "replica identity FULL: unchanged TOAST values are filled from the old tuple",
         'i' => {
             "replica identity INDEX: unchanged TOAST values are filled from the stored document or re-read from PostgreSQL"
         }
@@ -488,7 +496,11 @@ async fn check_publication(
             ),
             format!(
                 "as the tables' owner run {} {publication} {} {} (or make {} their owner)",
-                if exists { "ALTER PUBLICATION" } else { "CREATE PUBLICATION" },
+                if exists {
+                    "ALTER PUBLICATION"
+                } else {
+                    "CREATE PUBLICATION"
+                },
                 if exists { "ADD TABLE" } else { "FOR TABLE" },
                 names.join(", "),
                 role.name
@@ -726,7 +738,10 @@ async fn server_info(client: &Elasticsearch) -> Result<(&'static str, String), S
         return Err(format!("HTTP {status}: {body}"));
     }
     let info: Value = within(response.json()).await?;
-    let engine = match info.pointer("/version/distribution").and_then(Value::as_str) {
+    let engine = match info
+        .pointer("/version/distribution")
+        .and_then(Value::as_str)
+    {
         Some("opensearch") => "OpenSearch",
         _ => "Elasticsearch",
     };

@@ -178,9 +178,7 @@ pub async fn drop_slot(config: &Config, yes: bool) -> anyhow::Result<ExitCode> {
         None => println!("slot {name} does not exist; clearing walsync's records of it"),
     }
     clear_slot_records(&catalog, name).await?;
-    println!(
-        "the next start of walsync creates a new slot {name} and copies every table again"
-    );
+    println!("the next start of walsync creates a new slot {name} and copies every table again");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -127,6 +127,8 @@ async fn verify(config: &Config, args: &VerifyArgs) -> anyhow::Result<bool> {
         .map(|(position, _)| position)
         .collect();
     let mut final_reports = first_reports.clone();
+    // Ids that differed under one snapshot only, per table: changes in flight.
+    let mut in_flight = vec![0_usize; targets.len()];
     if !suspects.is_empty() {
         let second = take_snapshot(&params, &config.postgres.slot).await?;
         println!(
@@ -134,25 +136,37 @@ async fn verify(config: &Config, args: &VerifyArgs) -> anyhow::Result<bool> {
             suspects.len(),
             second.consistent_point
         );
-        wait_for_pipeline(&monitor, config, &targets, second.consistent_point, deadline).await?;
-        let again: Vec<&Target> = suspects.iter().map(|&position| &targets[position]).collect();
+        wait_for_pipeline(
+            &monitor,
+            config,
+            &targets,
+            second.consistent_point,
+            deadline,
+        )
+        .await?;
+        let again: Vec<&Target> = suspects
+            .iter()
+            .map(|&position| &targets[position])
+            .collect();
         for (&position, target) in suspects.iter().zip(again) {
             let report = compare_one(&second, &search, target, args.sample).await?;
-            final_reports[position] = confirmed_differences(&first_reports[position], report);
+            let confirmed = confirmed_differences(&first_reports[position], report.clone());
+            in_flight[position] = differing_ids(&first_reports[position])
+                .union(&differing_ids(&report))
+                .count()
+                - differing_ids(&confirmed).len();
+            final_reports[position] = confirmed;
         }
     }
 
     let mut equal = true;
-    for (first, report) in first_reports.iter().zip(&final_reports) {
-        print_report(report, first, args.show);
+    for (report, in_flight) in final_reports.iter().zip(in_flight) {
+        print_report(report, in_flight, args.show);
         equal &= report.is_equal();
     }
     let divergent = final_reports.iter().filter(|r| !r.is_equal()).count();
     if equal {
-        println!(
-            "verify: no divergence in {} table(s)",
-            final_reports.len()
-        );
+        println!("verify: no divergence in {} table(s)", final_reports.len());
     } else {
         let count = |pick: fn(&ComparisonReport) -> usize| -> usize {
             final_reports.iter().map(pick).sum()
@@ -285,10 +299,11 @@ async fn wait_for_source(
 ) -> anyhow::Result<()> {
     let start = Instant::now();
     loop {
-        let info = monitor
-            .slot(slot)
-            .await?
-            .with_context(|| format!("walsync's slot {slot} does not exist: is walsync's source set up (postgres.slot)?"))?;
+        let info = monitor.slot(slot).await?.with_context(|| {
+            format!(
+                "walsync's slot {slot} does not exist: is walsync's source set up (postgres.slot)?"
+            )
+        })?;
         let confirmed = info.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
         if confirmed >= consistent_point {
             return Ok(());
@@ -442,8 +457,13 @@ async fn compare_one(
                 )
             }
         }
-        Err(error) => Err(error)
-            .with_context(|| format!("cannot compare {} with {}", target.qualified(), target.alias)),
+        Err(error) => Err(error).with_context(|| {
+            format!(
+                "cannot compare {} with {}",
+                target.qualified(),
+                target.alias
+            )
+        }),
     }
 }
 
@@ -456,18 +476,23 @@ async fn table_is_empty(snapshot: &Snapshot, target: &Target) -> anyhow::Result<
     Ok(snapshot.worker.client().query_one(&sql, &[]).await?.get(0))
 }
 
+/// Every id a report names: missing, extra or different.
+fn differing_ids(report: &ComparisonReport) -> BTreeSet<&str> {
+    report
+        .missing
+        .iter()
+        .chain(&report.extra)
+        .map(String::as_str)
+        .chain(report.different.iter().map(|(id, _)| id.as_str()))
+        .collect()
+}
+
 /// The second pass's differences restricted to ids that differed in the first pass too.
 fn confirmed_differences(
     first: &ComparisonReport,
     mut second: ComparisonReport,
 ) -> ComparisonReport {
-    let earlier: BTreeSet<&str> = first
-        .missing
-        .iter()
-        .chain(&first.extra)
-        .map(String::as_str)
-        .chain(first.different.iter().map(|(id, _)| id.as_str()))
-        .collect();
+    let earlier = differing_ids(first);
     second.missing.retain(|id| earlier.contains(id.as_str()));
     second.extra.retain(|id| earlier.contains(id.as_str()));
     second
@@ -476,7 +501,8 @@ fn confirmed_differences(
     second
 }
 
-fn print_report(report: &ComparisonReport, first: &ComparisonReport, show: usize) {
+/// One table's result; the counts are those of the last comparison of the table.
+fn print_report(report: &ComparisonReport, in_flight: usize, show: usize) {
     let skipped = if report.skipped_newer > 0 {
         format!(
             " ({} newer than the snapshot, skipped)",
@@ -497,12 +523,9 @@ fn print_report(report: &ComparisonReport, first: &ComparisonReport, show: usize
         .map(|(id, fields)| format!("{id} [{}]", fields.join(", ")))
         .collect();
     print_ids("different", &different, show);
-    let first_count = first.missing.len() + first.extra.len() + first.different.len();
-    let final_count = report.missing.len() + report.extra.len() + report.different.len();
-    if first_count > final_count {
+    if in_flight > 0 {
         println!(
-            "  ({} id(s) differed under the first snapshot only: changes in flight, not divergence)",
-            first_count - final_count
+            "  ({in_flight} id(s) differed under one of the two snapshots only: changes in flight, not divergence)"
         );
     }
 }
