@@ -444,14 +444,16 @@ async fn check_publication(
 ) -> Result<(), tokio_postgres::Error> {
     let publication = &config.postgres.publication;
     let what = format!("publication {publication}");
-    let missing: Vec<&TableInfo> = match catalog.publication_tables(publication).await? {
-        Some(published) => tables
-            .iter()
-            .filter(|table| !published.contains(&(table.schema.clone(), table.name.clone())))
-            .collect(),
-        None => tables.iter().collect(),
-    };
-    let exists = catalog.publication_tables(publication).await?.is_some();
+    let published = catalog.publication_tables(publication).await?;
+    let exists = published.is_some();
+    let missing: Vec<&TableInfo> = tables
+        .iter()
+        .filter(|table| {
+            published.as_ref().is_none_or(|published| {
+                !published.contains(&(table.schema.clone(), table.name.clone()))
+            })
+        })
+        .collect();
     if exists && missing.is_empty() {
         checks.pass(format!(
             "{what} exists and covers all {} table(s)",

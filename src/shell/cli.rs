@@ -38,22 +38,25 @@ pub enum Command {
     /// Apply walsync's pending migrations (its `walsync` schema in the source database) and
     /// print what was applied.
     Migrate,
-    /// Preflight: check everything the pipeline needs and change nothing. Prints one line per
-    /// check, `✓ <what>` or `✗ <what>: <problem> — fix: <how>`: PostgreSQL (reachable,
-    /// wal_level, free slots and wal senders, the role's replication privilege, publication,
-    /// tables, keys, replica identity and TOAST, the slot), Kafka (reachable, topics present or
-    /// creatable) and the search server (engine, version, each index's system identifier).
-    /// Exit code 1 when any check fails.
+    /// Preflight: check everything the pipeline needs, changing nothing.
+    ///
+    /// Prints one line per check, `✓ <what>` or `✗ <what>: <problem> — fix: <how>`:
+    /// PostgreSQL (reachable, wal_level, free slots and wal senders, the role's replication
+    /// privilege, publication, tables, keys, replica identity and TOAST, the slot), Kafka
+    /// (reachable, topics present or creatable) and the search server (engine, version, each
+    /// index's system identifier). Every step has a deadline. Exit code 1 when any check fails.
     Check,
     /// Inspect or drop walsync's replication slot (`postgres.slot`).
     Slot {
         #[command(subcommand)]
         action: SlotAction,
     },
-    /// Compare every configured table with its index on a live system, as of one exported
-    /// snapshot, once the sink has passed it: documents newer than the snapshot are skipped and
-    /// every difference is re-checked under a second snapshot, so lag never reads as
-    /// divergence. Prints per table the counts, then the missing, extra and different ids.
+    /// Compare each table with its index on the live system; exit 1 on divergence.
+    ///
+    /// Compares as of one exported snapshot, once the sink has passed it: documents newer than
+    /// the snapshot are skipped and every difference is re-checked under a second snapshot, so
+    /// lag never reads as divergence. Prints per table the counts, then the missing, extra and
+    /// different ids.
     /// Exit code 0: no divergence; 1: divergence found; 2: verify could not run (an error, or
     /// the pipeline did not catch up in time).
     Verify(VerifyArgs),
@@ -61,10 +64,14 @@ pub enum Command {
 
 #[derive(Debug, Subcommand)]
 pub enum SlotAction {
-    /// Show the slot: active pid, confirmed_flush_lsn, restart_lsn, wal_status, the lag in
+    /// Show the slot's position, health and lag.
+    ///
+    /// Shows the active pid, confirmed_flush_lsn, restart_lsn, wal_status, the lag in
     /// bytes (unconfirmed and retained WAL) and in time (the walsender's flush_lag).
     Status,
-    /// Drop the slot and clear walsync's records of it (walsync.snapshot_progress,
+    /// Drop the slot and walsync's records of it (needs --yes).
+    ///
+    /// Clears walsync's records of the slot (walsync.snapshot_progress,
     /// walsync.source_state, walsync.heartbeat). PostgreSQL stops holding WAL for it; the next
     /// start creates a new slot and copies every table again. Refuses without --yes, and while
     /// a walsender uses the slot.

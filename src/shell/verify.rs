@@ -111,7 +111,7 @@ async fn verify(config: &Config, args: &VerifyArgs) -> anyhow::Result<bool> {
     let search = build_client(&config.elasticsearch)?;
     let deadline = Duration::from_secs(args.wait_secs);
 
-    let first = take_snapshot(&params, &config.postgres.slot).await?;
+    let first = take_snapshot(&params, &config.postgres.slot, 1).await?;
     println!(
         "snapshot at {}; waiting for the source and the sink to pass it",
         first.consistent_point
@@ -130,7 +130,7 @@ async fn verify(config: &Config, args: &VerifyArgs) -> anyhow::Result<bool> {
     // Ids that differed under one snapshot only, per table: changes in flight.
     let mut in_flight = vec![0_usize; targets.len()];
     if !suspects.is_empty() {
-        let second = take_snapshot(&params, &config.postgres.slot).await?;
+        let second = take_snapshot(&params, &config.postgres.slot, 2).await?;
         println!(
             "{} table(s) differ; checking the differing ids again under a second snapshot at {}",
             suspects.len(),
@@ -240,11 +240,11 @@ async fn resolve_targets(
 /// Creates a temporary slot with an exported snapshot and imports the snapshot into a
 /// read-only repeatable-read transaction. The slot goes with its connection once the
 /// snapshot is imported: the transaction keeps the snapshot.
-async fn take_snapshot(params: &ConnectParams, slot: &str) -> anyhow::Result<Snapshot> {
+async fn take_snapshot(params: &ConnectParams, slot: &str, pass: u32) -> anyhow::Result<Snapshot> {
     let mut exporter = ReplicationClient::connect(params)
         .await
         .context("cannot open a replication connection for the snapshot (the role needs the REPLICATION attribute)")?;
-    let temporary = format!("{slot}_verify_{}", std::process::id());
+    let temporary = temporary_slot_name(slot, pass);
     let created = exporter
         .create_logical_slot(&temporary, true, SlotSnapshot::Export)
         .await
@@ -268,6 +268,16 @@ async fn take_snapshot(params: &ConnectParams, slot: &str) -> anyhow::Result<Sna
         worker,
         consistent_point: created.consistent_point,
     })
+}
+
+/// `<slot>_verify_<pid>_<pass>`, within PostgreSQL's 63-byte limit: the pass keeps the second
+/// snapshot's slot from colliding with the first, whose backend may still be going away.
+fn temporary_slot_name(slot: &str, pass: u32) -> String {
+    const MAX_SLOT_NAME: usize = 63;
+    let suffix = format!("_verify_{}_{pass}", std::process::id());
+    let keep = MAX_SLOT_NAME.saturating_sub(suffix.len()).min(slot.len());
+    // Slot names are ASCII ([a-z0-9_]), so any byte is a boundary.
+    format!("{}{suffix}", &slot[..keep])
 }
 
 /// Waits until everything before `cp` is in Kafka and applied by the sink.
@@ -572,6 +582,15 @@ mod tests {
         assert_eq!(confirmed.missing, ["2"]);
         assert!(confirmed.extra.is_empty());
         assert!(confirmed.different.is_empty());
+    }
+
+    #[test]
+    fn temporary_slot_names_fit_postgres_limit_and_differ_per_pass() {
+        let long = "s".repeat(80);
+        let first = temporary_slot_name(&long, 1);
+        assert!(first.len() <= 63, "{first}");
+        assert_ne!(first, temporary_slot_name(&long, 2));
+        assert!(temporary_slot_name("walsync", 1).starts_with("walsync_verify_"));
     }
 
     #[test]
