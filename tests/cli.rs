@@ -238,6 +238,41 @@ async fn check_names_a_table_without_primary_key_with_its_fix() {
     );
 }
 
+#[tokio::test]
+async fn check_names_an_index_built_from_another_cluster() {
+    let name = name("cli_check_foreign");
+    let table = format!("public.{name}");
+    sql()
+        .await
+        .batch_execute(&format!("CREATE TABLE {table} (id int PRIMARY KEY)"))
+        .await
+        .expect("create the table");
+    let config = common::pipeline::pipeline_config(&name, &[&table]);
+    let alias = alias_of(&config, "public", &name);
+    let settings = json!({"index": {"number_of_replicas": 0}});
+    walsync::sink::index::ensure_index(
+        &search_client(),
+        &alias,
+        "42",
+        Some(&settings),
+        None,
+        "10m",
+    )
+    .await
+    .expect("an index recorded as built from system 42");
+
+    let outcome = walsync(&["check"], &name, &pipeline_config(&name, &[&table])).await;
+
+    assert_failed_check(
+        &outcome,
+        &format!("index {alias}"),
+        &[
+            "was built from PostgreSQL system 42",
+            "walsync backfill --into",
+        ],
+    );
+}
+
 // --- slot status / slot drop ---------------------------------------------------------------------
 
 #[tokio::test]
@@ -489,6 +524,23 @@ async fn verify_finds_no_difference_under_a_live_workload_and_names_an_altered_d
     assert!(sampled.stdout.contains("--sample"), "{sampled}");
 
     pipeline.stop().await;
+    // With the pipeline stopped nothing passes a new snapshot: verify gives up, naming the lag.
+    client
+        .execute(
+            &format!("INSERT INTO {table} VALUES (5000, 'x', 1, 1)"),
+            &[],
+        )
+        .await
+        .expect("a row after the stop");
+    let stalled = walsync(&["verify", "--wait-secs", "2"], &name, &toml).await;
+    assert_eq!(stalled.code, 2, "{stalled}");
+    assert!(
+        stalled.stdout.contains(&format!(
+            "the source did not pass the snapshot within 2 s: slot {name} has confirmed"
+        )),
+        "{stalled}"
+    );
+    assert!(stalled.stdout.contains("bytes behind"), "{stalled}");
     drop_slot(&name).await;
 }
 
