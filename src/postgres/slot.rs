@@ -316,6 +316,15 @@ mod embedded {
     refinery::embed_migrations!("migrations");
 }
 
+/// The migrations this build carries, as (version, name), for `walsync check`.
+pub fn known_migrations() -> Vec<(i64, String)> {
+    embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|migration| (i64::from(migration.version()), migration.name().to_owned()))
+        .collect()
+}
+
 /// Applies walsync's pending migrations; returns the names of those applied.
 pub async fn migrate(catalog: &mut Catalog) -> Result<Vec<String>, MigrateError> {
     catalog

@@ -60,12 +60,12 @@ struct Checks {
 impl Checks {
     fn pass(&mut self, what: impl Display) {
         self.passed += 1;
-        println!("✓ {what}");
+        print_line(format_args!("✓ {what}"));
     }
 
     fn fail(&mut self, what: impl Display, problem: impl Display, fix: impl Display) {
         self.failed += 1;
-        println!("✗ {what}: {problem} — fix: {fix}");
+        print_line(format_args!("✗ {what}: {problem} — fix: {fix}"));
     }
 
     /// ✓ `ok` when the preflight found no problem, else one ✗ line per problem.
@@ -77,6 +77,12 @@ impl Checks {
             self.fail(what, problem.what, problem.fix);
         }
     }
+}
+
+/// A line on stdout; a closed pipe (`walsync check | head`) is not an error worth a panic.
+fn print_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stdout().lock(), "{line}");
 }
 
 /// `future`, or an error naming the deadline.
@@ -236,6 +242,8 @@ async fn catalog_checks(
     let existing_slot = catalog.slot(&config.postgres.slot).await?;
     check_capacity(catalog, existing_slot.is_some(), checks).await?;
 
+    check_migrations(catalog, checks).await?;
+
     let role = catalog.role().await?;
     let mut problems = Vec::new();
     slot::check_role(catalog, &mut problems).await?;
@@ -277,6 +285,83 @@ async fn catalog_checks(
         .ok()
         .map(|row| row.get(0));
     Ok(system_id)
+}
+
+/// walsync's schema: migrations this build would apply at start, and migrations a newer walsync
+/// applied that this one does not know (it would refuse to start).
+async fn check_migrations(
+    catalog: &Catalog,
+    checks: &mut Checks,
+) -> Result<(), tokio_postgres::Error> {
+    let what = "walsync schema";
+    let known = slot::known_migrations();
+    let exists: bool = catalog
+        .client()
+        .query_one(
+            "SELECT to_regclass('walsync.schema_history') IS NOT NULL",
+            &[],
+        )
+        .await?
+        .get(0);
+    if !exists {
+        checks.pass(format!(
+            "{what} not created yet; walsync applies its {} migration(s) at start",
+            known.len()
+        ));
+        return Ok(());
+    }
+    let rows = match catalog
+        .client()
+        .query(
+            "SELECT version::bigint, name FROM walsync.schema_history ORDER BY version",
+            &[],
+        )
+        .await
+    {
+        Ok(rows) => rows,
+        Err(error) => {
+            checks.fail(
+                what,
+                format!("cannot read walsync.schema_history: {}", describe_postgres(&error)),
+                "GRANT USAGE ON SCHEMA walsync TO <role>; GRANT SELECT ON ALL TABLES IN SCHEMA walsync TO <role> \
+                 (or run walsync as the role that ran its migrations)",
+            );
+            return Ok(());
+        }
+    };
+    let applied: Vec<(i64, String)> = rows.iter().map(|row| (row.get(0), row.get(1))).collect();
+    let unknown: Vec<String> = applied
+        .iter()
+        .filter(|(version, _)| !known.iter().any(|(known, _)| known == version))
+        .map(|(version, name)| format!("V{version}__{name}"))
+        .collect();
+    let pending: Vec<String> = known
+        .iter()
+        .filter(|(version, _)| !applied.iter().any(|(applied, _)| applied == version))
+        .map(|(version, name)| format!("V{version}__{name}"))
+        .collect();
+    if !unknown.is_empty() {
+        checks.fail(
+            what,
+            format!(
+                "the database has migration(s) {} that walsync {} does not know: a newer walsync applied them, and this one refuses to start",
+                unknown.join(", "),
+                env!("CARGO_PKG_VERSION")
+            ),
+            "run the walsync version that applied them, or a newer one",
+        );
+    } else if pending.is_empty() {
+        checks.pass(format!(
+            "{what} up to date ({} migration(s))",
+            applied.len()
+        ));
+    } else {
+        checks.pass(format!(
+            "{what}: walsync applies {} at start",
+            pending.join(", ")
+        ));
+    }
+    Ok(())
 }
 
 fn privilege_source(role: &RoleInfo) -> String {
