@@ -38,14 +38,14 @@ pub async fn run(config: &Config) -> ExitCode {
     check_kafka(config, &mut checks).await;
     check_search(config, system_id.as_deref(), &mut checks).await;
     if checks.failed == 0 {
-        println!("all {} checks passed", checks.passed);
+        print_line(format_args!("all {} checks passed", checks.passed));
         ExitCode::SUCCESS
     } else {
-        println!(
+        print_line(format_args!(
             "{} of {} checks failed",
             checks.failed,
             checks.failed + checks.passed
-        );
+        ));
         ExitCode::from(1)
     }
 }
@@ -125,7 +125,9 @@ async fn check_postgres(config: &Config, checks: &mut Checks) -> Option<String> 
                 connect_problem(&error),
                 connect_fix(&error, &params),
             );
-            println!("  (the other PostgreSQL checks need a connection: skipped)");
+            print_line(format_args!(
+                "  (the other PostgreSQL checks need a connection: skipped)"
+            ));
             return None;
         }
         Err(_) => {
@@ -134,7 +136,9 @@ async fn check_postgres(config: &Config, checks: &mut Checks) -> Option<String> 
                 format!("no answer within {} s", STEP_TIMEOUT.as_secs()),
                 "check the host and port in postgres.url, and that no firewall drops the connection",
             );
-            println!("  (the other PostgreSQL checks need a connection: skipped)");
+            print_line(format_args!(
+                "  (the other PostgreSQL checks need a connection: skipped)"
+            ));
             return None;
         }
     };
@@ -697,7 +701,7 @@ async fn check_kafka(config: &Config, checks: &mut Checks) {
                 format!("no metadata within {} s: {error}", STEP_TIMEOUT.as_secs()),
                 "check kafka.brokers (host:port of the bootstrap servers) and kafka.security",
             );
-            println!("  (the topic checks need Kafka: skipped)");
+            print_line(format_args!("  (the topic checks need Kafka: skipped)"));
             return;
         }
         Err(error) => {
@@ -800,7 +804,9 @@ async fn check_search(config: &Config, system_id: Option<&str>, checks: &mut Che
                 error,
                 "check elasticsearch.url and the credentials (username/password or api_key)",
             );
-            println!("  (the index checks need the search server: skipped)");
+            print_line(format_args!(
+                "  (the index checks need the search server: skipped)"
+            ));
             return;
         }
     }
