@@ -254,7 +254,7 @@ fn lost_slot(name: &str, what_happened: &str) -> Problem {
     }
 }
 
-pub async fn check_free_slots(
+async fn check_free_slots(
     catalog: &Catalog,
     problems: &mut Vec<Problem>,
 ) -> Result<(), tokio_postgres::Error> {
