@@ -5,7 +5,7 @@ use clap::Parser;
 use tokio::sync::watch;
 use walsync::postgres::catalog::Catalog;
 use walsync::postgres::slot;
-use walsync::shell::cli::{Cli, Command};
+use walsync::shell::cli::{Cli, Command, SlotAction};
 use walsync::shell::config::Config;
 use walsync::shell::health::{self, Roles};
 use walsync::sink::apply::Sink;
@@ -99,6 +99,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
+        Command::Check => Ok(walsync::shell::check::run(&config).await),
+        Command::Slot {
+            action: SlotAction::Status,
+        } => walsync::shell::slot_command::status(&config).await,
+        Command::Slot {
+            action: SlotAction::Drop { yes },
+        } => walsync::shell::slot_command::drop_slot(&config, yes).await,
+        Command::Verify(args) => Ok(walsync::shell::verify::run(&config, &args).await),
     }
 }
 

@@ -109,7 +109,7 @@ pub async fn preflight(
     Ok(preflight)
 }
 
-async fn check_wal_level(
+pub async fn check_wal_level(
     catalog: &Catalog,
     problems: &mut Vec<Problem>,
 ) -> Result<(), tokio_postgres::Error> {
@@ -125,7 +125,7 @@ async fn check_wal_level(
     Ok(())
 }
 
-async fn check_role(
+pub async fn check_role(
     catalog: &Catalog,
     problems: &mut Vec<Problem>,
 ) -> Result<(), tokio_postgres::Error> {
@@ -146,7 +146,7 @@ async fn check_role(
 /// Decides a table's key and whether publishing it is safe for the application: with
 /// REPLICA IDENTITY DEFAULT and no primary key (or NOTHING), a published table's UPDATEs and
 /// DELETEs start failing.
-fn check_table(
+pub fn check_table(
     info: TableInfo,
     key_override: Vec<String>,
     problems: &mut Vec<Problem>,
@@ -192,7 +192,7 @@ fn check_table(
     Some(CapturedTable { info, key_columns })
 }
 
-async fn check_slot(
+pub async fn check_slot(
     catalog: &Catalog,
     config: &PostgresConfig,
     slot: Option<&SlotInfo>,
@@ -314,6 +314,15 @@ async fn used_before(catalog: &Catalog, slot: &str) -> Result<bool, tokio_postgr
 
 mod embedded {
     refinery::embed_migrations!("migrations");
+}
+
+/// The migrations this build carries, as (version, name), for `walsync check`.
+pub fn known_migrations() -> Vec<(i64, String)> {
+    embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|migration| (i64::from(migration.version()), migration.name().to_owned()))
+        .collect()
 }
 
 /// Applies walsync's pending migrations; returns the names of those applied.

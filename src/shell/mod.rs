@@ -4,11 +4,16 @@
 //! - `config`: the TOML configuration with environment overrides.
 //! - `metrics`: metric names, descriptions, the Prometheus recorder and per-table handles.
 //! - `health`: the `/metrics`, `/healthz` and `/readyz` endpoints and the readiness state.
+//! - `check`, `slot_command`, `verify`: the operator's commands `check`, `slot status|drop`
+//!   and `verify`.
 
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod health;
 pub mod metrics;
+pub mod slot_command;
+pub mod verify;
 
 /// Logs through `tracing`: human-readable by default, JSON when `format` is "json". The level
 /// comes from `RUST_LOG` (default `info`).

@@ -519,14 +519,14 @@ pub async fn ensure_index(
 }
 
 /// What an alias points to, as far as [`ensure_index`] cares.
-struct AliasTarget {
-    index: String,
-    system_id: Option<String>,
+pub struct AliasTarget {
+    pub index: String,
+    pub system_id: Option<String>,
 }
 
 /// The concrete index behind `alias` and its recorded system identifier; `None` when nothing
 /// has that name.
-async fn read_alias(
+pub async fn read_alias(
     client: &Elasticsearch,
     alias: &str,
 ) -> Result<Option<AliasTarget>, IndexError> {
