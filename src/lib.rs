@@ -16,6 +16,7 @@
 //! LSNs, Postgres hears "flushed" only after Kafka has the data, partitions are applied in order,
 //! and every queue is bounded.
 
+pub mod backfill;
 pub mod event;
 pub mod kafka;
 pub mod postgres;

@@ -146,7 +146,7 @@ async fn check_role(
 /// Decides a table's key and whether publishing it is safe for the application: with
 /// REPLICA IDENTITY DEFAULT and no primary key (or NOTHING), a published table's UPDATEs and
 /// DELETEs start failing.
-fn check_table(
+pub fn check_table(
     info: TableInfo,
     key_override: Vec<String>,
     problems: &mut Vec<Problem>,

@@ -38,4 +38,28 @@ pub enum Command {
     /// Apply walsync's pending migrations (its `walsync` schema in the source database) and
     /// print what was applied.
     Migrate,
+    /// Re-copy one table (or a slice) while the pipeline keeps running: its rows go through the
+    /// table's topic at the version of a fresh snapshot, below every change streamed after it.
+    /// A full backfill then removes documents of rows deleted while nobody was watching.
+    /// With --into, builds a new index and swaps the table's alias to it (zero downtime).
+    Backfill(BackfillArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BackfillArgs {
+    /// The table, as `schema.table` (a name without a schema means `public`).
+    pub table: String,
+    /// Copy only the rows matching this SQL predicate, e.g. "updated_at > now() - interval '1 day'".
+    #[arg(long = "where", value_name = "PREDICATE")]
+    pub filter: Option<String>,
+    /// Build this new index (same settings and mappings as walsync would create) and swap the
+    /// table's alias to it once it has caught up with the stream.
+    #[arg(long, value_name = "INDEX")]
+    pub into: Option<String>,
+    /// With --into: delete the index the alias pointed to before, after the swap.
+    #[arg(long, requires = "into")]
+    pub delete_old: bool,
+    /// How long to wait for the stream and the sink to apply the copy, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 1800)]
+    pub timeout: u64,
 }
