@@ -91,7 +91,9 @@ pub async fn run(config: Config, options: BackfillOptions) -> anyhow::Result<Bac
         );
     }
     if options.delete_old && options.into.is_none() {
-        bail!("--delete-old only applies with --into (it deletes the index the alias pointed to before the swap)");
+        bail!(
+            "--delete-old only applies with --into (it deletes the index the alias pointed to before the swap)"
+        );
     }
     let params = crate::source::connect_params(&config)?;
     let catalog = Catalog::connect(&params).await.with_context(|| {
@@ -175,9 +177,16 @@ pub async fn run(config: Config, options: BackfillOptions) -> anyhow::Result<Bac
     };
     match (rebuild, secondary_sink) {
         (Some(rebuild), Some(secondary)) => {
-            let outcome =
-                finish_rebuild(&search, &alias, &rebuild, &secondary, &main_group, &end, deadline)
-                    .await;
+            let outcome = finish_rebuild(
+                &search,
+                &alias,
+                &rebuild,
+                &secondary,
+                &main_group,
+                &end,
+                deadline,
+            )
+            .await;
             let stopped = secondary.stop().await;
             outcome?;
             stopped?;
@@ -378,7 +387,11 @@ async fn wait_source_confirmed(
                 "the source has not confirmed WAL position {position} in time (slot {slot_name} is at {confirmed}{}): \
                  is `walsync run` (or `walsync source`) running? The rows were produced; rerun the backfill \
                  or raise --timeout",
-                if slot.active_pid.is_none() { ", and nobody reads it" } else { "" }
+                if slot.active_pid.is_none() {
+                    ", and nobody reads it"
+                } else {
+                    ""
+                }
             );
         }
         if last_print.elapsed() >= PROGRESS_INTERVAL {
@@ -614,6 +627,9 @@ async fn finish_rebuild(
             }
         }
     }
+    // Searches see only refreshed documents: make the new index's writes visible before it
+    // takes the alias, or a search right after the swap could count fewer documents.
+    index::refresh(search, &rebuild.into).await?;
     swap_alias(search, alias, &rebuild.old_index, &rebuild.into).await?;
     println!(
         "swapped alias {alias}: {} -> {}",

@@ -374,7 +374,10 @@ impl Sink {
             .cloned()
             .unwrap_or_default();
         let (alias, truncate_mark) = match self.index_overrides.get(&key) {
-            Some(index) => (index.clone(), read_truncate_mark(&self.client, index).await?),
+            Some(index) => (
+                index.clone(),
+                read_truncate_mark(&self.client, index).await?,
+            ),
             None => {
                 let alias = alias_name(&self.config.elasticsearch, &table_config, &key.0, &key.1);
                 let mark = self
@@ -638,7 +641,10 @@ impl Sink {
         let mut done = Vec::new();
         for position in positions {
             let item = &pending[origins[*position]];
-            let overridden = self.index_overrides.values().any(|i| *i == item.target.alias);
+            let overridden = self
+                .index_overrides
+                .values()
+                .any(|i| *i == item.target.alias);
             if overridden || done.contains(&item.target.alias) {
                 continue;
             }
