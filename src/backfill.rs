@@ -726,7 +726,12 @@ async fn remove_older_documents(
     alias: &str,
     version: Lsn,
 ) -> anyhow::Result<u64> {
-    index::refresh(search, alias).await?;
+    match index::refresh(search, alias).await {
+        Ok(()) => {}
+        // No index yet (an empty table whose sink never wrote a document): nothing to remove.
+        Err(index::IndexError::Refused { status: 404, .. }) => return Ok(0),
+        Err(error) => return Err(error.into()),
+    }
     let body = json!({"query": {"bool": {
         "filter": [{"range": {"walsync.commit_lsn": {"lt": version.as_u64()}}}],
         "must_not": [{"term": {"walsync.deleted": true}}]

@@ -100,10 +100,16 @@ async fn backfill(config_path: &PathBuf, args: &[&str]) -> Backfill {
         .await
         .expect("the backfill finishes within 300 s");
     let status = child.wait().await.expect("wait for walsync backfill");
+    let stderr = stderr_task.await.unwrap_or_default();
+    println!(
+        "walsync backfill {}: {status}\n{}\n{stderr}",
+        args.join(" "),
+        collected.join("\n")
+    );
     Backfill {
         success: status.success(),
         stdout: collected,
-        stderr: stderr_task.await.unwrap_or_default(),
+        stderr,
     }
 }
 

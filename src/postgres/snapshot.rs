@@ -18,8 +18,8 @@
 //!
 //! Not built yet: parallel chunked copies, bounding the age of a long-held snapshot, soft
 //! tombstones for deletes during a copy (until then a row deleted during a copy can come back
-//! if its snapshot row reaches the index more than `index.gc_deletes` after the delete), and
-//! `walsync backfill`.
+//! if its snapshot row reaches the index more than `index.gc_deletes` after the delete).
+//! `walsync backfill` (crate::backfill) copies one table through [`copy_table_rows`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
