@@ -81,8 +81,48 @@ pub struct BackfillReport {
     pub duration: Duration,
 }
 
-/// Runs a backfill; prints progress lines on stdout as it goes.
+/// What an `--into` backfill that fails must not leave behind.
+#[derive(Debug, Default)]
+struct Leftovers {
+    /// The new index, until the alias points to it.
+    unswapped_index: Option<String>,
+    /// The second sink's consumer group.
+    group: Option<String>,
+}
+
+/// Runs a backfill; prints progress lines on stdout as it goes. An `--into` backfill that fails
+/// before the swap deletes the index it created (searches never saw it), so it can be rerun.
 pub async fn run(config: Config, options: BackfillOptions) -> anyhow::Result<BackfillReport> {
+    let mut leftovers = Leftovers::default();
+    let result = run_backfill(config.clone(), options, &mut leftovers).await;
+    if result.is_err() {
+        if let Some(group) = &leftovers.group {
+            delete_group(&config.kafka, group).await;
+        }
+        if let Some(index) = &leftovers.unswapped_index {
+            let deleted = match index::build_client(&config.elasticsearch) {
+                Ok(search) => delete_index(&search, index).await,
+                Err(error) => Err(error.into()),
+            };
+            return match deleted {
+                Ok(()) => result.context(format!(
+                    "the backfill stopped before the swap; the alias is unchanged and the half-built index {index} was deleted"
+                )),
+                Err(error) => result.context(format!(
+                    "the backfill stopped before the swap; the alias is unchanged, but the half-built index {index} \
+                     could not be deleted ({error:#}): delete it before running again"
+                )),
+            };
+        }
+    }
+    result
+}
+
+async fn run_backfill(
+    config: Config,
+    options: BackfillOptions,
+    leftovers: &mut Leftovers,
+) -> anyhow::Result<BackfillReport> {
     let started = Instant::now();
     if options.into.is_some() && options.filter.is_some() {
         bail!(
@@ -124,10 +164,12 @@ pub async fn run(config: Config, options: BackfillOptions) -> anyhow::Result<Bac
     if let Some(into) = &options.into {
         let old_index = current_index(&search, &alias).await?;
         create_index_like(&search, &config, &table_config, into, &identity.system_id).await?;
+        leftovers.unswapped_index = Some(into.clone());
         println!("created index {into} (the alias {alias} points to {old_index})");
         let group = format!("{}-backfill-{into}", config.sink.group_id);
         let secondary = GroupOffsets::new(&config.kafka, &group, &topic).await?;
         let start = secondary.high_watermarks().await?;
+        leftovers.group = Some(group.clone());
         secondary.commit(&start).await?;
         rebuild = Some(Rebuild {
             into: into.clone(),
@@ -185,12 +227,15 @@ pub async fn run(config: Config, options: BackfillOptions) -> anyhow::Result<Bac
                 &main_group,
                 &end,
                 deadline,
+                &mut leftovers.unswapped_index,
             )
             .await;
+            // The second sink's own error, when it failed, is the cause of any other.
             let stopped = secondary.stop().await;
-            outcome?;
             stopped?;
+            outcome?;
             delete_group(&config.kafka, &rebuild.group).await;
+            leftovers.group = None;
             if options.delete_old {
                 delete_index(&search, &rebuild.old_index).await?;
                 println!("deleted the old index {}", rebuild.old_index);
@@ -569,22 +614,34 @@ struct Rebuild {
     offsets: GroupOffsets,
 }
 
+/// The second sink of an `--into` backfill. Dropped without [`SecondarySink::stop`] (an error
+/// elsewhere), it is aborted, so it cannot write to an index that is being deleted.
 struct SecondarySink {
     stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 impl SecondarySink {
-    async fn stop(self) -> anyhow::Result<()> {
+    async fn stop(mut self) -> anyhow::Result<()> {
         let _ = self.stop.send(true);
-        self.task
-            .await
+        let Some(task) = self.task.take() else {
+            return Ok(());
+        };
+        task.await
             .context("the backfill's sink panicked")?
             .context("the backfill's sink failed")
     }
 
-    fn failed_early(&self) -> bool {
-        self.task.is_finished()
+    fn has_stopped(&self) -> bool {
+        self.task.as_ref().is_none_or(|task| task.is_finished())
+    }
+}
+
+impl Drop for SecondarySink {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
     }
 }
 
@@ -601,11 +658,15 @@ async fn start_secondary_sink(
     sink.write_table_to(&table.info.schema, &table.info.name, &rebuild.into);
     let (stop, stopped) = watch::channel(false);
     let task = tokio::spawn(async move { sink.run(stopped).await });
-    Ok(SecondarySink { stop, task })
+    Ok(SecondarySink {
+        stop,
+        task: Some(task),
+    })
 }
 
 /// Waits for the new index to catch up, swaps the alias, then lets the second sink pass the
-/// topic's end as of the swap (see the module doc).
+/// topic's end as of the swap (see the module doc). Clears `unswapped` once the alias moved.
+#[allow(clippy::too_many_arguments)]
 async fn finish_rebuild(
     search: &Elasticsearch,
     alias: &str,
@@ -614,35 +675,47 @@ async fn finish_rebuild(
     main_group: &GroupOffsets,
     end: &[i64],
     deadline: Instant,
+    unswapped: &mut Option<String>,
 ) -> anyhow::Result<()> {
-    let catch_up = wait_group(&rebuild.offsets, "the new index's sink", end, deadline);
-    tokio::pin!(catch_up);
-    loop {
-        tokio::select! {
-            done = &mut catch_up => { done?; break; }
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {
-                if secondary.failed_early() {
-                    bail!("the sink filling {} stopped before it caught up", rebuild.into);
-                }
-            }
-        }
-    }
+    wait_secondary(rebuild, secondary, end, deadline).await?;
     // Searches see only refreshed documents: make the new index's writes visible before it
     // takes the alias, or a search right after the swap could count fewer documents.
     index::refresh(search, &rebuild.into).await?;
     swap_alias(search, alias, &rebuild.old_index, &rebuild.into).await?;
+    *unswapped = None;
     println!(
         "swapped alias {alias}: {} -> {}",
         rebuild.old_index, rebuild.into
     );
     let end_at_swap = main_group.high_watermarks().await?;
-    wait_group(
-        &rebuild.offsets,
-        "the new index's sink",
+    wait_secondary(
+        rebuild,
+        secondary,
         &end_at_swap,
         deadline.max(Instant::now() + Duration::from_secs(60)),
     )
     .await
+}
+
+/// Waits until the second sink committed `target`, or fails as soon as it stopped.
+async fn wait_secondary(
+    rebuild: &Rebuild,
+    secondary: &SecondarySink,
+    target: &[i64],
+    deadline: Instant,
+) -> anyhow::Result<()> {
+    let catch_up = wait_group(&rebuild.offsets, "the new index's sink", target, deadline);
+    tokio::pin!(catch_up);
+    loop {
+        tokio::select! {
+            done = &mut catch_up => return done,
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {
+                if secondary.has_stopped() {
+                    bail!("the sink filling {} stopped before it caught up", rebuild.into);
+                }
+            }
+        }
+    }
 }
 
 /// The one concrete index behind `alias`.

@@ -438,6 +438,17 @@ async fn a_backfill_into_a_new_index_swaps_the_alias_without_searches_seeing_a_p
     es(Method::Get, &format!("/{old_index}/_count"), None).await;
     wait_equal(&config, "public", &name, &["id"], Duration::from_secs(60)).await;
 
+    // An existing index is never a target, and a refused --into leaves it alone.
+    let refused = backfill(&config_path, &[&table, "--into", &old_index]).await;
+    assert!(!refused.success);
+    assert!(
+        refused.stderr.contains("already exists"),
+        "{}",
+        refused.stderr
+    );
+    es(Method::Get, &format!("/{old_index}/_count"), None).await;
+    assert_eq!(index_behind(&alias).await, new_index);
+
     // Once more with --delete-old: the v2 index goes after the swap to v3.
     let third = format!("{alias}_v3");
     let again = backfill(&config_path, &[&table, "--into", &third, "--delete-old"]).await;
