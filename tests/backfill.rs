@@ -313,6 +313,14 @@ async fn a_backfill_with_where_copies_only_its_slice_and_a_bad_predicate_is_refu
         refused.stderr
     );
 
+    let unknown = backfill(&config_path, &["public.not_captured_here"]).await;
+    assert!(!unknown.success);
+    assert!(
+        unknown.stderr.contains("is not in postgres.tables"),
+        "{}",
+        unknown.stderr
+    );
+
     let result = backfill(&config_path, &[&table, "--where", "id <= 100 AND n > 0"]).await;
     assert!(result.success, "{}\n{:#?}", result.stderr, result.stdout);
     assert!(result.printed("copied 100 rows"), "{:#?}", result.stdout);
