@@ -377,6 +377,11 @@ async fn copy_rows(
         &copied,
     );
     tokio::pin!(copying);
+    // The planner's row estimate, for an ETA; a slice has none.
+    let estimate = match options.filter {
+        Some(_) => None,
+        None => estimated_rows(&catalog, table).await,
+    };
     let started = Instant::now();
     let mut ticker = tokio::time::interval(PROGRESS_INTERVAL);
     ticker.tick().await;
@@ -387,10 +392,11 @@ async fn copy_rows(
             })?,
             _ = ticker.tick() => {
                 let rows = copied.load(Ordering::Relaxed);
+                let rate = rows as f64 / started.elapsed().as_secs_f64().max(0.001);
                 println!(
-                    "copying {}: {rows} rows, {:.0} rows/s",
+                    "copying {}: {rows} rows, {rate:.0} rows/s{}",
                     table.qualified_name(),
-                    rows as f64 / started.elapsed().as_secs_f64().max(0.001)
+                    eta(rows, rate, estimate)
                 );
             }
         }
@@ -398,6 +404,31 @@ async fn copy_rows(
     // The snapshot transaction ends with its connection (when `copy` drops); the temporary
     // slot went as soon as the snapshot was imported.
     Ok(rows)
+}
+
+/// `reltuples` of the table (as of its last VACUUM or ANALYZE); `None` when unknown.
+async fn estimated_rows(catalog: &Catalog, table: &CapturedTable) -> Option<u64> {
+    let row = catalog
+        .client()
+        .query_one(
+            "SELECT reltuples::float8 FROM pg_class WHERE oid = $1",
+            &[&table.info.oid],
+        )
+        .await
+        .ok()?;
+    let estimate: f64 = row.get(0);
+    (estimate > 0.0).then_some(estimate as u64)
+}
+
+/// `, about N rows, ETA Ts` for a progress line, when there is an estimate to go by.
+fn eta(rows: u64, rate: f64, estimate: Option<u64>) -> String {
+    match estimate {
+        Some(total) if rate > 0.0 => {
+            let left = total.saturating_sub(rows) as f64 / rate;
+            format!(" of about {total}, ETA {left:.0} s")
+        }
+        _ => String::new(),
+    }
 }
 
 async fn current_wal_position(catalog: &Catalog) -> anyhow::Result<Lsn> {
@@ -863,6 +894,14 @@ async fn json_of<T: serde::de::DeserializeOwned>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_eta_needs_an_estimate_and_a_rate() {
+        assert_eq!(eta(500, 100.0, Some(1_500)), " of about 1500, ETA 10 s");
+        assert_eq!(eta(2_000, 100.0, Some(1_500)), " of about 1500, ETA 0 s");
+        assert_eq!(eta(500, 100.0, None), "");
+        assert_eq!(eta(0, 0.0, Some(1_500)), "");
+    }
 
     #[test]
     fn lag_counts_only_what_is_behind_the_target() {
