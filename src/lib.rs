@@ -11,11 +11,13 @@
 //! ```
 //!
 //! `source` wires the first half (WAL → Kafka) together and owns the confirmation loop.
+//! `backfill` re-copies one table beside the running pipeline (`walsync backfill`).
 //! `shell` is the operational shell around that path: CLI, configuration, metrics and health.
 //! The invariants every module keeps are written down in `docs/design.md`: versions are commit
 //! LSNs, Postgres hears "flushed" only after Kafka has the data, partitions are applied in order,
 //! and every queue is bounded.
 
+pub mod backfill;
 pub mod event;
 pub mod kafka;
 pub mod postgres;

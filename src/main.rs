@@ -82,6 +82,17 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 SourceExit::Undrained => Ok(ExitCode::from(3)),
             }
         }
+        Command::Backfill(args) => {
+            let options = walsync::backfill::BackfillOptions {
+                table: args.table,
+                filter: args.filter,
+                into: args.into,
+                delete_old: args.delete_old,
+                timeout: std::time::Duration::from_secs(args.timeout),
+            };
+            walsync::backfill::run(config, options).await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Migrate => {
             let params = source::connect_params(&config)?;
             let mut catalog = Catalog::connect(&params).await.with_context(|| {

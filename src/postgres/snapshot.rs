@@ -18,10 +18,11 @@
 //!
 //! Not built yet: parallel chunked copies, bounding the age of a long-held snapshot, soft
 //! tombstones for deletes during a copy (until then a row deleted during a copy can come back
-//! if its snapshot row reaches the index more than `index.gc_deletes` after the delete), and
-//! `walsync backfill`.
+//! if its snapshot row reaches the index more than `index.gc_deletes` after the delete).
+//! `walsync backfill` (crate::backfill) copies one table through [`copy_table_rows`].
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -162,6 +163,22 @@ async fn copy_table(
     writer: &EventWriter,
     producer: &EventProducer,
 ) -> anyhow::Result<u64> {
+    let copied = AtomicU64::new(0);
+    copy_table_rows(copy, table, topic, writer, producer, None, &copied).await
+}
+
+/// Copies the rows of one table that match `filter` (an SQL predicate, all rows when `None`),
+/// counting them in `copied` as they go; returns the number of rows once Kafka acknowledged
+/// every one of them. `walsync backfill` uses it (a `--where` slice, progress lines).
+pub async fn copy_table_rows(
+    copy: &PreparedCopy,
+    table: &CapturedTable,
+    topic: Arc<str>,
+    writer: &EventWriter,
+    producer: &EventProducer,
+    filter: Option<&str>,
+    copied: &AtomicU64,
+) -> anyhow::Result<u64> {
     let relation = Arc::new(snapshot_relation(&copy.worker, table).await?);
     let route = TableRoute::new(Arc::clone(&relation), topic, &table.key_columns)?;
     let columns: Vec<String> = relation
@@ -177,8 +194,9 @@ async fn copy_table(
     let client = copy.worker.client();
     client
         .batch_execute(&format!(
-            "DECLARE walsync_copy NO SCROLL CURSOR FOR SELECT {} FROM {qualified}",
-            columns.join(", ")
+            "DECLARE walsync_copy NO SCROLL CURSOR FOR SELECT {} FROM {qualified}{}",
+            columns.join(", "),
+            filter.map_or(String::new(), |predicate| format!(" WHERE ({predicate})"))
         ))
         .await?;
     let tx = TxContext {
@@ -220,6 +238,7 @@ async fn copy_table(
             producer.send(&record, &acks).await?;
         }
         rows += fetched as u64;
+        copied.fetch_add(fetched as u64, Ordering::Relaxed);
         if fetched < PAGE_ROWS {
             break;
         }

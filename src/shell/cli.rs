@@ -60,6 +60,11 @@ pub enum Command {
     /// Exit code 0: no divergence; 1: divergence found; 2: verify could not run (an error, or
     /// the pipeline did not catch up in time).
     Verify(VerifyArgs),
+    /// Re-copy one table (or a slice) while the pipeline keeps running: its rows go through the
+    /// table's topic at the version of a fresh snapshot, below every change streamed after it.
+    /// A full backfill then removes documents of rows deleted while nobody was watching.
+    /// With --into, builds a new index and swaps the table's alias to it (zero downtime).
+    Backfill(BackfillArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -98,4 +103,23 @@ pub struct VerifyArgs {
     /// How long to wait for the source and the sink to pass the snapshot before giving up.
     #[arg(long, default_value_t = 300, value_name = "SECONDS")]
     pub wait_secs: u64,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct BackfillArgs {
+    /// The table, as `schema.table` (a name without a schema means `public`).
+    pub table: String,
+    /// Copy only the rows matching this SQL predicate, e.g. "updated_at > now() - interval '1 day'".
+    #[arg(long = "where", value_name = "PREDICATE")]
+    pub filter: Option<String>,
+    /// Build this new index (same settings and mappings as walsync would create) and swap the
+    /// table's alias to it once it has caught up with the stream.
+    #[arg(long, value_name = "INDEX")]
+    pub into: Option<String>,
+    /// With --into: delete the index the alias pointed to before, after the swap.
+    #[arg(long, requires = "into")]
+    pub delete_old: bool,
+    /// How long to wait for the stream and the sink to apply the copy, in seconds.
+    #[arg(long, value_name = "SECONDS", default_value_t = 1800)]
+    pub timeout: u64,
 }

@@ -133,6 +133,9 @@ pub struct Sink {
     /// finishes before the truncate's delete-by-query or sees its mark and drops them.
     truncate_gate: tokio::sync::RwLock<()>,
     reader: Mutex<Option<RowReader>>,
+    /// Tables written to a concrete index instead of their alias (`walsync backfill --into`
+    /// fills a new index with a second sink), by (schema, table).
+    index_overrides: HashMap<(String, String), String>,
     breaker: std::sync::Mutex<VecDeque<Instant>>,
     conflicts: std::sync::Mutex<ConflictRate>,
     pub stats: Arc<SinkStats>,
@@ -189,10 +192,18 @@ impl Sink {
             truncate_marks: std::sync::Mutex::new(HashMap::new()),
             truncate_gate: tokio::sync::RwLock::new(()),
             reader: Mutex::new(None),
+            index_overrides: HashMap::new(),
             breaker: std::sync::Mutex::new(VecDeque::new()),
             conflicts: std::sync::Mutex::new(ConflictRate::new(Instant::now())),
             stats: Arc::new(SinkStats::default()),
         })
+    }
+
+    /// Writes `schema.table` to the existing concrete `index` instead of the table's alias; the
+    /// index is neither created nor checked (its creator did that).
+    pub fn write_table_to(&mut self, schema: &str, table: &str, index: &str) {
+        self.index_overrides
+            .insert((schema.to_owned(), table.to_owned()), index.to_owned());
     }
 
     /// How many partitions this sink holds right now (0 before it joined its group).
@@ -380,10 +391,19 @@ impl Sink {
             .get(&qualified)
             .cloned()
             .unwrap_or_default();
-        let alias = alias_name(&self.config.elasticsearch, &table_config, &key.0, &key.1);
-        let truncate_mark = self
-            .prepare_index(&alias, &table_config, &envelope.source.system_id)
-            .await?;
+        let (alias, truncate_mark) = match self.index_overrides.get(&key) {
+            Some(index) => (
+                index.clone(),
+                read_truncate_mark(&self.client, index).await?,
+            ),
+            None => {
+                let alias = alias_name(&self.config.elasticsearch, &table_config, &key.0, &key.1);
+                let mark = self
+                    .prepare_index(&alias, &table_config, &envelope.source.system_id)
+                    .await?;
+                (alias, mark)
+            }
+        };
         self.raise_truncate_mark(&alias, truncate_mark);
         let target = Arc::new(TableTarget {
             shape: DocumentShape::new(&qualified, &table_config)?,
@@ -663,7 +683,11 @@ impl Sink {
         let mut done = Vec::new();
         for position in positions {
             let item = &pending[origins[*position]];
-            if done.contains(&item.target.alias) {
+            let overridden = self
+                .index_overrides
+                .values()
+                .any(|i| *i == item.target.alias);
+            if overridden || done.contains(&item.target.alias) {
                 continue;
             }
             let qualified = format!(
