@@ -692,7 +692,10 @@ mod tests {
             .unwrap();
         let value = parse(&marked);
         assert_eq!(value["source"]["soft_delete"], true);
-        assert_eq!(value["source"]["commit_lsn"], 0x5000, "the rest is unchanged");
+        assert_eq!(
+            value["source"]["commit_lsn"], 0x5000,
+            "the rest is unchanged"
+        );
         assert_eq!(value["op"], "d");
         let envelope = Envelope::parse(marked.value.as_deref().unwrap()).unwrap();
         assert!(envelope.source.soft_delete);

@@ -182,3 +182,32 @@ fn now_millis() -> i64 {
             i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shell::config::KafkaConfig;
+
+    fn copies() -> CopiesInProgress {
+        // librdkafka connects lazily: nothing here reaches a broker.
+        let producer = EventProducer::new(&KafkaConfig::default()).expect("a producer");
+        CopiesInProgress::new(Arc::new(producer), "73".into())
+    }
+
+    #[tokio::test]
+    async fn a_table_is_copying_from_its_registration_until_its_last_copy_completes() {
+        let copies = copies();
+        assert!(!copies.is_copying("public.items").await);
+        copies.copy_started("public.items").await;
+        copies.copy_started("public.items").await;
+        assert!(copies.delete_gate().await.is_copying("public.items"));
+        assert!(!copies.delete_gate().await.is_copying("public.other"));
+        // The first of two overlapping copies completes: no control record yet (none could be
+        // sent here), and deletes are still marked.
+        copies
+            .copy_completed("public", "items", "t".into(), Lsn(0x5000))
+            .await
+            .expect("an overlapping copy completes without Kafka");
+        assert!(copies.is_copying("public.items").await);
+    }
+}

@@ -331,7 +331,12 @@ impl Sink {
                     continue;
                 }
                 RecordKind::UnknownControl => {
-                    tracing::warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(), "skipping a control record of a kind this version does not know");
+                    tracing::warn!(
+                        topic = message.topic(),
+                        partition = message.partition(),
+                        offset = message.offset(),
+                        "skipping a control record of a kind this version does not know"
+                    );
                     continue;
                 }
             }
@@ -388,9 +393,7 @@ impl Sink {
             .cloned()
             .unwrap_or_default();
         let alias = alias_name(&self.config.elasticsearch, &table_config, &key.0, &key.1);
-        let truncate_mark = self
-            .prepare_index(&alias, &table_config, system_id)
-            .await?;
+        let truncate_mark = self.prepare_index(&alias, &table_config, system_id).await?;
         self.raise_truncate_mark(&alias, truncate_mark);
         let target = Arc::new(TableTarget {
             shape: DocumentShape::new(&qualified, &table_config)?,
@@ -1452,10 +1455,7 @@ mod tests {
 
     #[test]
     fn deletes_during_a_copy_become_soft_tombstones_even_in_hard_mode() {
-        assert_eq!(
-            delete_action(DeleteMode::Hard, false),
-            DeleteAction::Hard
-        );
+        assert_eq!(delete_action(DeleteMode::Hard, false), DeleteAction::Hard);
         assert_eq!(
             delete_action(DeleteMode::Hard, true),
             DeleteAction::SoftTombstone
