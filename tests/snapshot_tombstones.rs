@@ -269,7 +269,7 @@ async fn a_copy_completed_record_purges_only_its_partitions_soft_tombstones() {
         ]}})
     };
     let mut by_partition = Vec::new();
-    for partition in 0..config.kafka.partitions as i32 {
+    for partition in 0..config.kafka.partitions {
         by_partition.push(count(&search, &alias, per_partition(partition)).await);
     }
     assert_eq!(
