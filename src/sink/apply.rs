@@ -921,6 +921,20 @@ impl Sink {
         if response.status_code().is_success() {
             let body: Value = response.json().await.unwrap_or(Value::Null);
             let deleted = body.get("deleted").and_then(Value::as_u64).unwrap_or(0);
+            // Items the server rejected (a full write queue, say) leave tombstones behind: go
+            // again; what was deleted already no longer matches.
+            if let Some(failures) = body
+                .get("failures")
+                .and_then(Value::as_array)
+                .filter(|failures| !failures.is_empty())
+            {
+                self.stats.deleted.fetch_add(deleted, Ordering::Relaxed);
+                return Ok(PurgeOutcome::Retry(format!(
+                    "{} deletes failed, first: {}",
+                    failures.len(),
+                    failures[0]
+                )));
+            }
             return Ok(PurgeOutcome::Done { deleted });
         }
         let body = response.text().await.unwrap_or_default();
