@@ -193,6 +193,29 @@ impl EventWriter {
         change: &RowChange<'_>,
         tx: &TxContext,
     ) -> Result<Record, EventError> {
+        self.write_row_event(route, change, tx, false)
+    }
+
+    /// The record of a delete of a row of a table whose copy is in progress: marked
+    /// `source.soft_delete: true`, so the sink keeps a versioned soft tombstone until the copy's
+    /// `copy_completed` control record (design invariant 5, `crate::kafka::copies`).
+    pub fn delete_during_copy_event(
+        &self,
+        route: &TableRoute,
+        change: &RowChange<'_>,
+        tx: &TxContext,
+    ) -> Result<Record, EventError> {
+        debug_assert_eq!(change.op, Op::Delete, "only deletes are marked");
+        self.write_row_event(route, change, tx, change.op == Op::Delete)
+    }
+
+    fn write_row_event(
+        &self,
+        route: &TableRoute,
+        change: &RowChange<'_>,
+        tx: &TxContext,
+        soft_delete: bool,
+    ) -> Result<Record, EventError> {
         let key = self.key(route, change.key_row)?;
         let mut value = Vec::with_capacity(512);
         value.extend_from_slice(b"{\"before\":");
@@ -226,6 +249,11 @@ impl EventWriter {
             tx,
             change.snapshot,
         );
+        if soft_delete {
+            // Inside `source`, whose closing brace write_tail left off.
+            value.extend_from_slice(b",\"soft_delete\":true");
+        }
+        value.push(b'}');
         if !unchanged.is_empty() {
             value.extend_from_slice(b",\"unchanged_toast_columns\":");
             write_json_string_array(
@@ -271,7 +299,8 @@ impl EventWriter {
             tx,
             SnapshotMarker::False,
         );
-        value.push(b'}');
+        // Closes `source`, then the envelope.
+        value.extend_from_slice(b"}}");
         Record {
             topic: Arc::clone(&route.topic),
             key: b"{}".to_vec(),
@@ -401,7 +430,8 @@ impl EventWriter {
             snapshot.code()
         );
         write_json_string(out, &source.system_id);
-        let _ = write!(out, ",\"timeline\":{}}}", source.timeline);
+        // The `source` object stays open: the caller may add `soft_delete`, then closes it.
+        let _ = write!(out, ",\"timeline\":{}", source.timeline);
     }
 }
 
@@ -644,6 +674,42 @@ mod tests {
     }
 
     #[test]
+    fn a_delete_during_a_copy_is_marked_and_reads_back_marked() {
+        let writer = writer();
+        let row = [text("x"), text("a-1"), text("7")];
+        let change = RowChange {
+            op: Op::Delete,
+            before: Some(&row),
+            before_is_key_only: true,
+            after: None,
+            fill_from: None,
+            key_row: &row,
+            lsn: Lsn(3),
+            snapshot: SnapshotMarker::False,
+        };
+        let marked = writer
+            .delete_during_copy_event(&route(), &change, &TX)
+            .unwrap();
+        let value = parse(&marked);
+        assert_eq!(value["source"]["soft_delete"], true);
+        assert_eq!(
+            value["source"]["commit_lsn"], 0x5000,
+            "the rest is unchanged"
+        );
+        assert_eq!(value["op"], "d");
+        let envelope = Envelope::parse(marked.value.as_deref().unwrap()).unwrap();
+        assert!(envelope.source.soft_delete);
+
+        let plain = writer.row_event(&route(), &change, &TX).unwrap();
+        assert!(
+            parse(&plain)["source"].get("soft_delete").is_none(),
+            "other events carry no marker"
+        );
+        let envelope = Envelope::parse(plain.value.as_deref().unwrap()).unwrap();
+        assert!(!envelope.source.soft_delete);
+    }
+
+    #[test]
     fn names_needing_escapes_stay_valid_json() {
         let mut route = route();
         let mut relation = (*route.relation).clone();
@@ -720,6 +786,9 @@ pub struct EnvelopeSource {
     pub snapshot: String,
     pub system_id: String,
     pub timeline: u32,
+    /// A delete during a copy of its table: keep a soft tombstone until the copy completed.
+    #[serde(default)]
+    pub soft_delete: bool,
 }
 
 impl Envelope {

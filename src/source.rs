@@ -18,6 +18,7 @@ use anyhow::{Context, bail};
 use tokio::sync::{Notify, watch};
 
 use crate::event::{EventWriter, Op, RowChange, SnapshotMarker, SourceInfo, TableRoute, TxContext};
+use crate::kafka::copies::CopiesInProgress;
 use crate::kafka::frontier::{FlushFrontier, TxAcks};
 use crate::kafka::producer::EventProducer;
 use crate::kafka::topics;
@@ -211,7 +212,13 @@ async fn stream_once(
         tables = tables.len(), "streaming"
     );
 
-    let copy = prepare_snapshot(config, params, catalog, tables).await?;
+    // A fresh set per attempt: an interrupted copy is copied again under a new snapshot and
+    // registered again below.
+    let copies = Arc::new(CopiesInProgress::new(
+        Arc::clone(producer),
+        identity.system_id.clone(),
+    ));
+    let copy = prepare_snapshot(config, params, catalog, tables, &copies).await?;
     let (stream, status) = client
         .start_replication(slot_name, start, &config.postgres.publication)
         .await?;
@@ -250,10 +257,10 @@ async fn stream_once(
             })
             .collect();
         let (writer, producer) = (writer.clone(), Arc::clone(producer));
-        let (slot, params) = (slot_name.clone(), params.clone());
+        let (slot, params, copies) = (slot_name.clone(), params.clone(), Arc::clone(&copies));
         tokio::spawn(async move {
             let progress = Catalog::connect(&params).await?;
-            snapshot::run_copy(copy, &slot, &routes, &writer, &producer, &progress).await
+            snapshot::run_copy(copy, &slot, &routes, &writer, &producer, &progress, &copies).await
         })
     });
     let copy_abort = copy_task
@@ -279,6 +286,7 @@ async fn stream_once(
         routes_by_name,
         tx: None,
         tombstones: config.kafka.tombstones,
+        copies,
     };
     let outcome = tokio::select! {
         outcome = reader.run(stop) => outcome,
@@ -338,6 +346,7 @@ async fn prepare_snapshot(
     params: &ConnectParams,
     catalog: &Catalog,
     tables: &[CapturedTable],
+    copies: &CopiesInProgress,
 ) -> anyhow::Result<Option<snapshot::PreparedCopy>> {
     let slot = &config.postgres.slot;
     match config.snapshot.mode {
@@ -356,6 +365,11 @@ async fn prepare_snapshot(
     let pending = snapshot::tables_to_copy(catalog, slot, tables).await?;
     if pending.is_empty() {
         return Ok(None);
+    }
+    // Before the snapshot is exported: every delete committed at or after its consistent point
+    // is then marked, whenever the copy gets to the table (crate::kafka::copies).
+    for table in &pending {
+        copies.copy_started(&table.qualified_name()).await;
     }
     Ok(Some(snapshot::prepare_copy(params, slot, pending).await?))
 }
@@ -461,6 +475,8 @@ struct Reader<'a> {
     routes_by_name: &'a RouteTargets,
     tx: Option<OpenTx>,
     tombstones: bool,
+    /// Tables being copied: their deletes are marked for soft tombstones.
+    copies: Arc<CopiesInProgress>,
 }
 
 impl Reader<'_> {
@@ -672,14 +688,23 @@ impl Reader<'_> {
             lsn,
             snapshot: SnapshotMarker::False,
         };
-        let record = self
-            .writer
-            .row_event(route, &change, &self.open_tx()?.context)?;
+        // Held until the delete is handed to the producer, so a copy cannot complete (and send
+        // its control records) between the decision and the send.
+        let copies = Arc::clone(&self.copies);
+        let gate = copies.delete_gate().await;
+        let context = &self.open_tx()?.context;
+        let record = if gate.is_copying(&route.qualified_name()) {
+            self.writer
+                .delete_during_copy_event(route, &change, context)?
+        } else {
+            self.writer.row_event(route, &change, context)?
+        };
         let tombstone = self.tombstones.then(|| self.writer.tombstone(&record));
         self.send(record).await?;
         if let Some(tombstone) = tombstone {
             self.send(tombstone).await?;
         }
+        drop(gate);
         Ok(())
     }
 

@@ -65,6 +65,23 @@ async fn a_restart_does_not_copy_again_and_a_table_added_later_is_copied() {
     let topic = format!("{name}.public.{name}");
     let source = RunningSource::start(config_for(&name, &[&first])).await;
     assert_eq!(snapshot_events(&topic, 100).await, 100);
+    // The copy is recorded only after its rows and its control records are acknowledged: a
+    // stop before that copies the table again, by design.
+    common::wait_for("the copy to be recorded", Duration::from_secs(60), || {
+        let (client, slot, table) = (&client, &name, &first);
+        async move {
+            client
+                .query_opt(
+                    "SELECT 1 FROM walsync.snapshot_progress WHERE slot_name = $1 AND table_name = $2",
+                    &[slot, table],
+                )
+                .await
+                .ok()
+                .flatten()
+                .map(|_| ())
+        }
+    })
+    .await;
     source.stop().await;
 
     let source = RunningSource::start(config_for(&name, &[&first, &second])).await;

@@ -3,8 +3,11 @@
 //!
 //! Owns topic naming and creation (`<topic_prefix>.<schema>.<table>`), producer settings
 //! (idempotence, acks=all, no message timeout), and the tracking of which transactions Kafka has
-//! acknowledged, from which the source derives the LSN it may confirm to Postgres.
+//! acknowledged, from which the source derives the LSN it may confirm to Postgres; control
+//! records (`copy_completed`) and the set of tables whose copy is in progress.
 
+pub mod control;
+pub mod copies;
 pub mod frontier;
 pub mod producer;
 pub mod topics;

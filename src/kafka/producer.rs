@@ -22,6 +22,7 @@ use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, T
 use tokio::sync::Notify;
 
 use crate::event::Record;
+use crate::kafka::control::{CONTROL_HEADER, ControlRecord};
 use crate::kafka::frontier::TxAcks;
 use crate::shell::config::KafkaConfig;
 use crate::shell::health::HEALTH;
@@ -240,6 +241,62 @@ impl EventProducer {
         }
     }
 
+    /// Hands one control record to the producer, for its explicit partition, counted against
+    /// `acks`. Waits while the queue is full, like [`EventProducer::send`]. Records to one
+    /// partition keep the order they were handed over in, whichever method sent them.
+    pub async fn send_control(
+        &self,
+        record: &ControlRecord,
+        acks: &Arc<TxAcks>,
+    ) -> Result<(), ProducerError> {
+        let headers = OwnedHeaders::new_with_capacity(1).insert(Header {
+            key: CONTROL_HEADER,
+            value: Some(record.kind),
+        });
+        acks.event_sent();
+        let mut pending = BaseRecord::with_opaque_to(&record.topic, Arc::clone(acks))
+            .partition(record.partition)
+            .key(record.key)
+            .payload(&record.value[..])
+            .headers(headers);
+        loop {
+            match self.producer.send(pending) {
+                Ok(()) => return Ok(()),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                    pending = returned;
+                    let space = self.producer.context().queue_space.notified();
+                    let _ = tokio::time::timeout(Duration::from_millis(50), space).await;
+                }
+                Err((error, _)) => {
+                    acks.event_failed();
+                    return Err(ProducerError::Refused(describe_refusal(
+                        &error,
+                        &record.topic,
+                    )));
+                }
+            }
+        }
+    }
+
+    /// The number of partitions of `topic`, from the cluster's metadata. Blocking: call it
+    /// from a blocking task.
+    pub fn partition_count(&self, topic: &str) -> Result<i32, ProducerError> {
+        let metadata = self
+            .producer
+            .client()
+            .fetch_metadata(Some(topic), Duration::from_secs(30))
+            .map_err(ProducerError::Metadata)?;
+        let partitions = metadata
+            .topics()
+            .iter()
+            .find(|found| found.name() == topic)
+            .map_or(0, |found| found.partitions().len());
+        match i32::try_from(partitions) {
+            Ok(count) if count > 0 => Ok(count),
+            _ => Err(ProducerError::NoPartitions(topic.to_owned())),
+        }
+    }
+
     /// Resolves with the reason once Kafka refuses an event for good.
     pub async fn wait_refused(&self) -> String {
         loop {
@@ -304,6 +361,10 @@ pub enum ProducerError {
     Refused(String),
     #[error("Kafka did not acknowledge every event in time: {0}")]
     Flush(KafkaError),
+    #[error("cannot read the partitions of a topic from Kafka's metadata: {0}")]
+    Metadata(KafkaError),
+    #[error("Kafka's metadata lists no partition for topic {0}")]
+    NoPartitions(String),
 }
 
 #[cfg(test)]

@@ -16,10 +16,9 @@
 //! bounded whatever the table size. A table is recorded as copied only once Kafka has
 //! acknowledged every one of its rows.
 //!
-//! Not built yet: parallel chunked copies, bounding the age of a long-held snapshot, soft
-//! tombstones for deletes during a copy (until then a row deleted during a copy can come back
-//! if its snapshot row reaches the index more than `index.gc_deletes` after the delete).
-//! `walsync backfill` (crate::backfill) copies one table through [`copy_table_rows`].
+//! Not built yet: parallel chunked copies and bounding the age of a long-held snapshot.
+//! Deletes during a copy become soft tombstones (`crate::kafka::copies`). `walsync backfill`
+//! (crate::backfill) copies one table through [`copy_table_rows`].
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +29,7 @@ use bytes::Bytes;
 use tokio_postgres::SimpleQueryMessage;
 
 use crate::event::{EventWriter, Op, RowChange, SnapshotMarker, TableRoute, TxContext};
+use crate::kafka::copies::CopiesInProgress;
 use crate::kafka::frontier::TxAcks;
 use crate::kafka::producer::EventProducer;
 use crate::postgres::catalog::Catalog;
@@ -130,6 +130,7 @@ pub async fn run_copy(
     writer: &EventWriter,
     producer: &EventProducer,
     progress: &Catalog,
+    copies: &CopiesInProgress,
 ) -> anyhow::Result<()> {
     for table in &copy.tables {
         let Some((_, topic)) = routes
@@ -139,6 +140,15 @@ pub async fn run_copy(
             continue;
         };
         let rows = copy_table(&copy, table, Arc::clone(topic), writer, producer).await?;
+        // Before recording the copy: a crash in between copies the table (and sends this) again.
+        copies
+            .copy_completed(
+                &table.info.schema,
+                &table.info.name,
+                Arc::clone(topic),
+                copy.consistent_point,
+            )
+            .await?;
         progress
             .client()
             .execute(

@@ -33,6 +33,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{Mutex, watch};
 
 use crate::event::{Envelope, EnvelopeOp};
+use crate::kafka::control::{CONTROL_HEADER, CopyCompleted, RecordKind};
 use crate::kafka::producer::client_config;
 use crate::kafka::topics;
 use crate::postgres::catalog::Catalog;
@@ -44,7 +45,9 @@ use crate::shell::metrics::{self, SinkTableMetrics};
 use crate::sink::bulk::{
     ActionKind, BulkAction, BulkFailure, BulkRequest, ItemOutcome, RetryCause, classify_response,
 };
-use crate::sink::document::{DocumentShape, document_body, document_id, soft_tombstone_body};
+use crate::sink::document::{
+    DELETED_PATH, DocumentShape, PARTITION_PATH, document_body, document_id, soft_tombstone_body,
+};
 use crate::sink::index::{self, IndexOverrides, alias_name, ensure_index};
 
 /// How long a requested stop waits for the batch in hand.
@@ -347,6 +350,24 @@ impl Sink {
     async fn apply_partition(&self, messages: &[OwnedMessage]) -> anyhow::Result<()> {
         let mut pending: Vec<Pending<'_>> = Vec::new();
         for message in messages {
+            match record_kind(message) {
+                RecordKind::Change => {}
+                RecordKind::CopyCompleted => {
+                    // Everything before it in this partition is applied first.
+                    self.write(std::mem::take(&mut pending)).await?;
+                    self.apply_copy_completed(message).await?;
+                    continue;
+                }
+                RecordKind::UnknownControl => {
+                    tracing::warn!(
+                        topic = message.topic(),
+                        partition = message.partition(),
+                        offset = message.offset(),
+                        "skipping a control record of a kind this version does not know"
+                    );
+                    continue;
+                }
+            }
             let Some(payload) = message.payload() else {
                 continue;
             }; // Kafka tombstone
@@ -376,10 +397,19 @@ impl Sink {
 
     /// The index target of an event's table, creating or checking its index on first use.
     async fn target(&self, envelope: &Envelope) -> anyhow::Result<Arc<TableTarget>> {
-        let key = (
-            envelope.source.schema.clone(),
-            envelope.source.table.clone(),
-        );
+        let source = &envelope.source;
+        self.table_target(&source.schema, &source.table, &source.system_id)
+            .await
+    }
+
+    /// The index target of `schema.table`, read from cluster `system_id`.
+    async fn table_target(
+        &self,
+        schema: &str,
+        table: &str,
+        system_id: &str,
+    ) -> anyhow::Result<Arc<TableTarget>> {
+        let key = (schema.to_owned(), table.to_owned());
         let mut targets = self.targets.lock().await;
         if let Some(target) = targets.get(&key) {
             return Ok(Arc::clone(target));
@@ -399,7 +429,7 @@ impl Sink {
             None => {
                 let alias = alias_name(&self.config.elasticsearch, &table_config, &key.0, &key.1);
                 let mark = self
-                    .prepare_index(&alias, &table_config, &envelope.source.system_id)
+                    .prepare_index(&alias, &table_config, system_id)
                     .await?;
                 (alias, mark)
             }
@@ -526,11 +556,19 @@ impl Sink {
                     document_body(&item.target.shape, &item.envelope).map_err(|e| e.to_string())?,
                 )
             }
-            EnvelopeOp::Delete => match self.config.elasticsearch.delete_mode {
-                DeleteMode::Hard => ActionKind::Delete,
-                DeleteMode::Soft => ActionKind::Index(
-                    soft_tombstone_body(&item.target.shape, key, &item.envelope)
-                        .map_err(|e| e.to_string())?,
+            EnvelopeOp::Delete => match delete_action(
+                self.config.elasticsearch.delete_mode,
+                item.envelope.source.soft_delete,
+            ) {
+                DeleteAction::Hard => ActionKind::Delete,
+                DeleteAction::SoftTombstone => ActionKind::Index(
+                    soft_tombstone_body(
+                        &item.target.shape,
+                        key,
+                        &item.envelope,
+                        item.message.partition(),
+                    )
+                    .map_err(|e| e.to_string())?,
                 ),
             },
             EnvelopeOp::Truncate => return Ok(None),
@@ -856,6 +894,130 @@ impl Sink {
         Ok(())
     }
 
+    /// A table's copy is complete: every row of it, and every delete marked during it, came
+    /// before this record in this partition and has been applied. In hard delete mode the
+    /// partition's soft tombstones of the table are purged now; soft mode keeps them. The
+    /// record's offset is committed only once this returned.
+    async fn apply_copy_completed(&self, message: &OwnedMessage) -> anyhow::Result<()> {
+        let completed = match CopyCompleted::decode(message.payload()) {
+            Ok(completed) => completed,
+            Err(error) => {
+                return self
+                    .dead_letter(message, &format!("a malformed control record: {error}"))
+                    .await;
+            }
+        };
+        if self.config.elasticsearch.delete_mode == DeleteMode::Soft {
+            return Ok(());
+        }
+        let target = self
+            .table_target(&completed.schema, &completed.table, &completed.system_id)
+            .await?;
+        self.purge_copy_tombstones(&target.alias, message.partition())
+            .await?;
+        tracing::info!(
+            table = %completed.qualified_table(),
+            alias = %target.alias,
+            partition = message.partition(),
+            consistent_point = completed.consistent_point,
+            "copy complete: purged the partition's soft tombstones"
+        );
+        Ok(())
+    }
+
+    /// Deletes the soft tombstones of `alias` that came through `partition`, retrying
+    /// transient failures without end. Only tombstones: a row re-inserted since its delete is
+    /// a live document and stays, and `conflicts=proceed` skips a document rewritten while the
+    /// query runs. No version bound is needed: this partition's later events are not applied
+    /// yet, so every soft tombstone it has written so far is one the copy no longer needs.
+    async fn purge_copy_tombstones(&self, alias: &str, partition: i32) -> anyhow::Result<()> {
+        let mut backoff = Backoff::new();
+        loop {
+            match self.try_purge_copy_tombstones(alias, partition).await {
+                Ok(PurgeOutcome::Done { deleted }) => {
+                    self.stats.deleted.fetch_add(deleted, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Ok(PurgeOutcome::IndexMissing) => {
+                    tracing::warn!(%alias, "the index is missing: no soft tombstones to purge");
+                    return Ok(());
+                }
+                Ok(PurgeOutcome::Retry(reason)) => {
+                    tracing::warn!(%alias, partition, %reason, "purging soft tombstones failed; retrying");
+                }
+                Err(error) => return Err(error),
+            }
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            backoff.wait().await;
+        }
+    }
+
+    async fn try_purge_copy_tombstones(
+        &self,
+        alias: &str,
+        partition: i32,
+    ) -> anyhow::Result<PurgeOutcome> {
+        // delete_by_query sees only refreshed documents: make every earlier write visible.
+        if let Err(error) = index::refresh(&self.client, alias).await {
+            return Ok(match error {
+                index::IndexError::Refused { status: 404, .. } => PurgeOutcome::IndexMissing,
+                error => {
+                    let error = anyhow::Error::from(error);
+                    if !index_error_is_transient(&error) {
+                        return Err(error.context(format!(
+                            "refreshing {alias} before purging its soft tombstones"
+                        )));
+                    }
+                    PurgeOutcome::Retry(format!("{error:#}"))
+                }
+            });
+        }
+        let path = format!("/{alias}/_delete_by_query?conflicts=proceed&refresh=true");
+        let response = match self
+            .client
+            .send(
+                Method::Post,
+                &path,
+                HeaderMap::new(),
+                Option::<&()>::None,
+                Some(purge_query(partition).to_string()),
+                Some(Duration::from_secs(600)),
+            )
+            .await
+        {
+            Ok(response) => response,
+            Err(error) => return Ok(PurgeOutcome::Retry(format!("transport: {error}"))),
+        };
+        let status = response.status_code().as_u16();
+        if response.status_code().is_success() {
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            let deleted = body.get("deleted").and_then(Value::as_u64).unwrap_or(0);
+            // Items the server rejected (a full write queue, say) leave tombstones behind: go
+            // again; what was deleted already no longer matches.
+            if let Some(failures) = body
+                .get("failures")
+                .and_then(Value::as_array)
+                .filter(|failures| !failures.is_empty())
+            {
+                self.stats.deleted.fetch_add(deleted, Ordering::Relaxed);
+                return Ok(PurgeOutcome::Retry(format!(
+                    "{} deletes failed, first: {}",
+                    failures.len(),
+                    failures[0]
+                )));
+            }
+            return Ok(PurgeOutcome::Done { deleted });
+        }
+        let body = response.text().await.unwrap_or_default();
+        match status {
+            404 => Ok(PurgeOutcome::IndexMissing),
+            408 | 429 | 500.. => Ok(PurgeOutcome::Retry(format!("HTTP {status}: {body}"))),
+            _ => bail!(
+                "purging the soft tombstones of {alias} (partition {partition}): delete_by_query answered {status}: {body}"
+            ),
+        }
+    }
+
     /// Fills `after` values that did not travel (unchanged TOAST): from an earlier event of the
     /// same document in this batch, else from the stored document, else by re-reading the row
     /// from PostgreSQL by primary key. Never null, never a placeholder (design invariant 6).
@@ -1086,6 +1248,50 @@ impl RowReader {
         }
         Ok(None)
     }
+}
+
+/// Whether a record is a change event or a control record (by its `walsync.control` header).
+fn record_kind(message: &OwnedMessage) -> RecordKind {
+    let header = message.headers().and_then(|headers| {
+        headers
+            .iter()
+            .find(|header| header.key == CONTROL_HEADER)
+            .map(|header| header.value.unwrap_or_default())
+    });
+    RecordKind::from_control_header(header)
+}
+
+/// How one attempt to purge soft tombstones went.
+enum PurgeOutcome {
+    Done { deleted: u64 },
+    IndexMissing,
+    Retry(String),
+}
+
+/// What a delete event becomes in the index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DeleteAction {
+    /// Delete the document (its version is remembered for `index.gc_deletes`).
+    Hard,
+    /// Index a metadata-only document marked deleted, at the delete's version.
+    SoftTombstone,
+}
+
+/// Soft mode keeps every delete as a soft tombstone; hard mode too while the table is being
+/// copied (the event carries `source.soft_delete`), until the copy's control record purges it.
+fn delete_action(mode: DeleteMode, during_copy: bool) -> DeleteAction {
+    match (mode, during_copy) {
+        (DeleteMode::Soft, _) | (DeleteMode::Hard, true) => DeleteAction::SoftTombstone,
+        (DeleteMode::Hard, false) => DeleteAction::Hard,
+    }
+}
+
+/// The soft tombstones that came through `partition`.
+fn purge_query(partition: i32) -> Value {
+    serde_json::json!({"query": {"bool": {"filter": [
+        {"term": {DELETED_PATH: true}},
+        {"term": {PARTITION_PATH: partition}}
+    ]}}})
 }
 
 /// The share of version conflicts per minute-long window.
@@ -1336,6 +1542,34 @@ mod tests {
     fn ids_are_escaped_for_the_document_path() {
         assert_eq!(url_path_escape("[1,\"a b\"]"), "%5B1%2C%22a%20b%22%5D");
         assert_eq!(url_path_escape("plain-id_1.2"), "plain-id_1.2");
+    }
+
+    #[test]
+    fn deletes_during_a_copy_become_soft_tombstones_even_in_hard_mode() {
+        assert_eq!(delete_action(DeleteMode::Hard, false), DeleteAction::Hard);
+        assert_eq!(
+            delete_action(DeleteMode::Hard, true),
+            DeleteAction::SoftTombstone
+        );
+        assert_eq!(
+            delete_action(DeleteMode::Soft, false),
+            DeleteAction::SoftTombstone
+        );
+        assert_eq!(
+            delete_action(DeleteMode::Soft, true),
+            DeleteAction::SoftTombstone
+        );
+    }
+
+    #[test]
+    fn the_purge_takes_only_one_partitions_soft_tombstones() {
+        assert_eq!(
+            purge_query(2),
+            serde_json::json!({"query": {"bool": {"filter": [
+                {"term": {"walsync.deleted": true}},
+                {"term": {"walsync.partition": 2}}
+            ]}}})
+        );
     }
 
     #[test]

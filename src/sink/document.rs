@@ -33,7 +33,9 @@
 //! ```
 //!
 //! `commit_lsn` is the document's external version, stored again as a queryable `long`
-//! (`_version` cannot be queried; truncates delete by it, design invariant 5). A table field that
+//! (`_version` cannot be queried; truncates delete by it, design invariant 5). A soft tombstone
+//! (`deleted: true`) also records the Kafka `partition` its delete came through, so the purge
+//! after a table's copy can remove one partition's tombstones at a time. A table field that
 //! would be named `walsync` collides with the metadata and is refused: rename the column with
 //! `tables."schema.table".rename`.
 //!
@@ -58,6 +60,10 @@ pub const COMMIT_LSN_PATH: &str = "walsync.commit_lsn";
 
 /// The path of the soft-tombstone flag, for queries that hide deleted documents.
 pub const DELETED_PATH: &str = "walsync.deleted";
+
+/// The path of the Kafka partition a soft tombstone came through: the purge after a copy
+/// deletes one partition's tombstones at a time.
+pub const PARTITION_PATH: &str = "walsync.partition";
 
 /// Elasticsearch refuses an `_id` longer than this many bytes.
 pub const MAX_ID_BYTES: usize = 512;
@@ -314,6 +320,9 @@ pub struct DocumentMetadata {
     pub tx_id: u64,
     /// The commit time in PostgreSQL, in milliseconds since the epoch.
     pub source_ts_ms: i64,
+    /// Soft tombstones only: the partition of the table's topic the delete came through.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub partition: Option<i32>,
 }
 
 impl DocumentMetadata {
@@ -326,6 +335,7 @@ impl DocumentMetadata {
             deleted: envelope.op == EnvelopeOp::Delete,
             tx_id: source.tx_id,
             source_ts_ms: source.ts_ms,
+            partition: None,
         }
     }
 
@@ -339,7 +349,8 @@ impl DocumentMetadata {
                 "op": {"type": "keyword"},
                 "deleted": {"type": "boolean"},
                 "tx_id": {"type": "long"},
-                "source_ts_ms": {"type": "long"}
+                "source_ts_ms": {"type": "long"},
+                "partition": {"type": "integer"}
             }
         })
     }
@@ -375,14 +386,15 @@ pub fn document_body(shape: &DocumentShape, envelope: &Envelope) -> Result<Vec<u
     Ok(with_metadata(document, DocumentMetadata::of(envelope)))
 }
 
-/// The body of a soft tombstone for a delete event: the shaped key columns plus the metadata
-/// with `deleted: true`. The key columns come from the record key (the same values as the
-/// delete's `before` image, whatever the table's replica identity), so a tombstone never keeps
-/// the rest of a deleted row.
+/// The body of a soft tombstone for a delete event that came through `partition`: the shaped
+/// key columns plus the metadata with `deleted: true` and the partition. The key columns come
+/// from the record key (the same values as the delete's `before` image, whatever the table's
+/// replica identity), so a tombstone never keeps the rest of a deleted row.
 pub fn soft_tombstone_body(
     shape: &DocumentShape,
     key_json: &[u8],
     envelope: &Envelope,
+    partition: i32,
 ) -> Result<Vec<u8>, DocumentError> {
     if envelope.op != EnvelopeOp::Delete {
         return Err(DocumentError::NotADelete {
@@ -391,7 +403,11 @@ pub fn soft_tombstone_body(
     }
     let key = parse_key(key_json)?;
     let document = shape.apply(key)?;
-    Ok(with_metadata(document, DocumentMetadata::of(envelope)))
+    let metadata = DocumentMetadata {
+        partition: Some(partition),
+        ..DocumentMetadata::of(envelope)
+    };
+    Ok(with_metadata(document, metadata))
 }
 
 fn with_metadata(mut document: Map<String, Value>, metadata: DocumentMetadata) -> Vec<u8> {
@@ -745,7 +761,7 @@ mod tests {
             json!({"shop": 1, "sku": "a", "description": "long"}),
             Value::Null,
         );
-        let body = soft_tombstone_body(&shape, br#"{"shop":1,"sku":"a"}"#, &delete).unwrap();
+        let body = soft_tombstone_body(&shape, br#"{"shop":1,"sku":"a"}"#, &delete, 2).unwrap();
         assert_eq!(
             parse(&body),
             json!({
@@ -753,13 +769,13 @@ mod tests {
                 "article": "a",
                 "walsync": {
                     "commit_lsn": 4096, "lsn": 4000, "op": "d", "deleted": true,
-                    "tx_id": 742, "source_ts_ms": 1_700_000_000_000_i64
+                    "tx_id": 742, "source_ts_ms": 1_700_000_000_000_i64, "partition": 2
                 }
             })
         );
         let update = envelope("u", Value::Null, json!({"shop": 1, "sku": "a"}));
         assert!(matches!(
-            soft_tombstone_body(&shape, br#"{"shop":1,"sku":"a"}"#, &update),
+            soft_tombstone_body(&shape, br#"{"shop":1,"sku":"a"}"#, &update, 0),
             Err(DocumentError::NotADelete { op: "u" })
         ));
     }
@@ -777,6 +793,8 @@ mod tests {
         assert_eq!(mapping["properties"]["commit_lsn"]["type"], "long");
         assert_eq!(COMMIT_LSN_PATH, format!("{METADATA_FIELD}.commit_lsn"));
         assert_eq!(DELETED_PATH, format!("{METADATA_FIELD}.deleted"));
+        assert_eq!(PARTITION_PATH, format!("{METADATA_FIELD}.partition"));
+        assert_eq!(mapping["properties"]["partition"]["type"], "integer");
     }
 
     #[test]

@@ -24,6 +24,11 @@ pub struct Consumed {
 }
 
 impl Consumed {
+    /// A control record (`walsync.control` header, e.g. `copy_completed`), not a change.
+    pub fn is_control(&self) -> bool {
+        self.headers.contains_key("walsync.control")
+    }
+
     pub fn op(&self) -> Option<&str> {
         self.value.as_ref()?.get("op")?.as_str()
     }
@@ -65,9 +70,22 @@ pub async fn read_topic(topic: &str, count: usize, deadline: Duration) -> Vec<Co
     records
 }
 
-/// Reads `topic` from the beginning, handing each record to `visit` until it returns true;
-/// panics after `deadline`.
+/// Reads `topic` from the beginning, handing each change record (control records are skipped)
+/// to `visit` until it returns true; panics after `deadline`.
 pub async fn read_topic_until(
+    topic: &str,
+    deadline: Duration,
+    mut visit: impl FnMut(Consumed) -> bool,
+) {
+    read_records_until(topic, deadline, |record| {
+        !record.is_control() && visit(record)
+    })
+    .await;
+}
+
+/// Reads `topic` from the beginning, handing every record, control records included, to
+/// `visit` until it returns true; panics after `deadline`.
+pub async fn read_records_until(
     topic: &str,
     deadline: Duration,
     mut visit: impl FnMut(Consumed) -> bool,

@@ -1,0 +1,213 @@
+//! The tables whose copy (initial snapshot, later backfill) is in progress, shared by the copy
+//! workers and the stream reader (design invariant 5).
+//!
+//! While a table is being copied, a snapshot row read at `cp − 1` can reach the index long
+//! after a streamed delete of that row (commit ≥ `cp`) was applied. A hard delete's version is
+//! remembered only for `index.gc_deletes`, so the late row would come back for good. Deletes of
+//! such a table are therefore marked (`source.soft_delete: true`) and the sink keeps them as
+//! versioned soft tombstones; once the copy has had every row acknowledged, a `copy_completed`
+//! control record goes to every partition of the table's topic and the sink purges that
+//! partition's soft tombstones when it reaches it.
+//!
+//! The two hooks and when to call them:
+//! - [`CopiesInProgress::copy_started`] for every table of a copy **before the copy's snapshot
+//!   is exported** (before its slot is created): every delete that commits at or after `cp` is
+//!   then read by the stream after the table is registered, whatever the order in which the
+//!   copy gets to the table's rows.
+//! - [`CopiesInProgress::copy_completed`] after Kafka acknowledged every row of that table's
+//!   copy, and before the copy is recorded as done (a crash in between copies the table again
+//!   and sends the record again).
+//!
+//! Copies of one table may overlap (a backfill during the initial snapshot): the table stays
+//! registered until the last one completes, and only that one sends the control records — a
+//! purge while another copy of the table still runs would drop tombstones it needs.
+//!
+//! Ordering: the reader holds [`DeleteGate`] (a shared lock) from the moment it decides whether
+//! to mark a delete until the delete is handed to the producer; `copy_completed` takes the lock
+//! exclusively to unregister the table, then sends the control records. So every marked delete
+//! is queued before the control records (and is purged by them), and every unmarked delete is
+//! queued after the copy's rows were acknowledged (the sink applies it after them).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::sync::{RwLock, RwLockReadGuard};
+
+use crate::kafka::control::CopyCompleted;
+use crate::kafka::frontier::TxAcks;
+use crate::kafka::producer::EventProducer;
+use crate::postgres::lsn::Lsn;
+
+/// How often reading a topic's partitions from Kafka's metadata is tried before the copy fails.
+const METADATA_ATTEMPTS: u32 = 10;
+
+/// Tables (`schema.table`) with a copy in progress, and how many copies of each.
+pub struct CopiesInProgress {
+    tables: RwLock<HashMap<String, usize>>,
+    producer: Arc<EventProducer>,
+    system_id: String,
+}
+
+/// Held by the stream reader while it writes and hands over one delete.
+pub struct DeleteGate<'a> {
+    tables: RwLockReadGuard<'a, HashMap<String, usize>>,
+}
+
+impl DeleteGate<'_> {
+    /// Whether deletes of `schema.table` must be marked for a soft tombstone.
+    pub fn is_copying(&self, qualified_table: &str) -> bool {
+        self.tables.contains_key(qualified_table)
+    }
+}
+
+impl CopiesInProgress {
+    pub fn new(producer: Arc<EventProducer>, system_id: String) -> Self {
+        Self {
+            tables: RwLock::new(HashMap::new()),
+            producer,
+            system_id,
+        }
+    }
+
+    /// Registers a copy of `qualified_table` (`schema.table`). Call it before the copy's
+    /// snapshot is exported (see the module documentation).
+    pub async fn copy_started(&self, qualified_table: &str) {
+        *self
+            .tables
+            .write()
+            .await
+            .entry(qualified_table.to_owned())
+            .or_default() += 1;
+    }
+
+    /// The gate the reader holds while it marks and sends a delete.
+    pub async fn delete_gate(&self) -> DeleteGate<'_> {
+        DeleteGate {
+            tables: self.tables.read().await,
+        }
+    }
+
+    /// Whether a copy of `qualified_table` is in progress (for logs and tests).
+    pub async fn is_copying(&self, qualified_table: &str) -> bool {
+        self.delete_gate().await.is_copying(qualified_table)
+    }
+
+    /// Ends one copy of `schema.table`, read under `consistent_point`, whose rows Kafka has all
+    /// acknowledged. When it was the table's last copy in progress, writes a `copy_completed`
+    /// control record to every partition of `topic` and waits until Kafka acknowledged them.
+    pub async fn copy_completed(
+        &self,
+        schema: &str,
+        table: &str,
+        topic: Arc<str>,
+        consistent_point: Lsn,
+    ) -> anyhow::Result<()> {
+        let qualified = format!("{schema}.{table}");
+        {
+            let mut tables = self.tables.write().await;
+            match tables.get_mut(&qualified) {
+                Some(copies) if *copies > 1 => {
+                    *copies -= 1;
+                    tracing::info!(table = %qualified, "copy complete; another copy of the table is still running");
+                    return Ok(());
+                }
+                Some(_) => {
+                    tables.remove(&qualified);
+                }
+                None => {
+                    tracing::warn!(table = %qualified, "a copy completed that was never registered; sending its control records anyway");
+                }
+            }
+        }
+        let partitions = self.partition_count(&topic).await?;
+        let acks = Arc::new(TxAcks::default());
+        let now = now_millis();
+        for partition in 0..partitions {
+            let completed = CopyCompleted::new(
+                schema,
+                table,
+                consistent_point.as_u64(),
+                partition,
+                &self.system_id,
+                now,
+            );
+            self.producer
+                .send_control(&completed.record(Arc::clone(&topic)), &acks)
+                .await?;
+        }
+        while !acks.is_done() {
+            if acks.has_failed() {
+                anyhow::bail!(
+                    "Kafka refused a copy_completed control record for {qualified}: {}",
+                    self.producer.refused().unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tracing::info!(table = %qualified, %consistent_point, partitions, "copy complete; control records written");
+        Ok(())
+    }
+
+    /// The partitions of `topic`, retrying a few times: the metadata request can time out while
+    /// a broker is away.
+    async fn partition_count(&self, topic: &Arc<str>) -> anyhow::Result<i32> {
+        let mut delay = Duration::from_millis(500);
+        let mut attempt = 1;
+        loop {
+            let producer = Arc::clone(&self.producer);
+            let name = Arc::clone(topic);
+            let result = tokio::task::spawn_blocking(move || producer.partition_count(&name))
+                .await
+                .context("the metadata task failed")?;
+            match result {
+                Ok(count) => return Ok(count),
+                Err(error) if attempt < METADATA_ATTEMPTS => {
+                    tracing::warn!(%error, %topic, attempt, "cannot read the topic's partitions yet; retrying");
+                }
+                Err(error) => return Err(error.into()),
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(10));
+            attempt += 1;
+        }
+    }
+}
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shell::config::KafkaConfig;
+
+    fn copies() -> CopiesInProgress {
+        // librdkafka connects lazily: nothing here reaches a broker.
+        let producer = EventProducer::new(&KafkaConfig::default()).expect("a producer");
+        CopiesInProgress::new(Arc::new(producer), "73".into())
+    }
+
+    #[tokio::test]
+    async fn a_table_is_copying_from_its_registration_until_its_last_copy_completes() {
+        let copies = copies();
+        assert!(!copies.is_copying("public.items").await);
+        copies.copy_started("public.items").await;
+        copies.copy_started("public.items").await;
+        assert!(copies.delete_gate().await.is_copying("public.items"));
+        assert!(!copies.delete_gate().await.is_copying("public.other"));
+        // The first of two overlapping copies completes: no control record yet (none could be
+        // sent here), and deletes are still marked.
+        copies
+            .copy_completed("public", "items", "t".into(), Lsn(0x5000))
+            .await
+            .expect("an overlapping copy completes without Kafka");
+        assert!(copies.is_copying("public.items").await);
+    }
+}
