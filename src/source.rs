@@ -203,7 +203,26 @@ async fn stream_once(
         tables = tables.len(), "streaming"
     );
 
-    let copy = prepare_snapshot(config, params, catalog, tables).await?;
+    let writer = EventWriter::new(
+        Arc::new(codec.clone()),
+        Arc::new(SourceInfo {
+            name: config.kafka.topic_prefix.clone(),
+            database: params.dbname.clone(),
+            system_id: identity.system_id.clone(),
+            timeline: identity.timeline,
+        }),
+    );
+    // Every copy worker imports its snapshot before streaming starts; then both run.
+    let copy = prepare_snapshot(
+        config,
+        params,
+        catalog,
+        tables,
+        routes_by_name,
+        &writer,
+        producer,
+    )
+    .await?;
     let (stream, status) = client
         .start_replication(slot_name, start, &config.postgres.publication)
         .await?;
@@ -219,32 +238,7 @@ async fn stream_once(
     ));
     let heartbeat_task = spawn_heartbeat(config, params.clone());
 
-    let writer = EventWriter::new(
-        Arc::new(codec.clone()),
-        Arc::new(SourceInfo {
-            name: config.kafka.topic_prefix.clone(),
-            database: params.dbname.clone(),
-            system_id: identity.system_id.clone(),
-            timeline: identity.timeline,
-        }),
-    );
-    let copy_task = copy.map(|copy| {
-        let routes: Vec<(CapturedTable, Arc<str>)> = tables
-            .iter()
-            .filter_map(|table| {
-                let key = (table.info.schema.clone(), table.info.name.clone());
-                routes_by_name
-                    .get(&key)
-                    .map(|(topic, _)| (table.clone(), Arc::clone(topic)))
-            })
-            .collect();
-        let (writer, producer) = (writer.clone(), Arc::clone(producer));
-        let (slot, params) = (slot_name.clone(), params.clone());
-        tokio::spawn(async move {
-            let progress = Catalog::connect(&params).await?;
-            snapshot::run_copy(copy, &slot, &routes, &writer, &producer, &progress).await
-        })
-    });
+    let copy_task = copy.map(|(job, started)| tokio::spawn(snapshot::run_copy(job, started)));
     let copy_abort = copy_task
         .as_ref()
         .map(tokio::task::JoinHandle::abort_handle);
@@ -320,33 +314,52 @@ fn is_transient(error: &anyhow::Error) -> bool {
     false
 }
 
-/// Imports a fresh snapshot for the tables whose initial copy is not complete (all of them
-/// again with `snapshot.mode = "always"`, none with `"never"`).
+/// Starts the copy of the tables whose initial copy is not complete (all of them again with
+/// `snapshot.mode = "always"`, none with `"never"`): plans their chunks and imports a fresh
+/// snapshot into the copy workers.
+#[allow(clippy::too_many_arguments)]
 async fn prepare_snapshot(
     config: &Config,
     params: &ConnectParams,
     catalog: &Catalog,
     tables: &[CapturedTable],
-) -> anyhow::Result<Option<snapshot::PreparedCopy>> {
+    routes_by_name: &RouteTargets,
+    writer: &EventWriter,
+    producer: &Arc<EventProducer>,
+) -> anyhow::Result<Option<(snapshot::CopyJob, snapshot::StartedCopy)>> {
     let slot = &config.postgres.slot;
     match config.snapshot.mode {
         SnapshotMode::Never => return Ok(None),
-        SnapshotMode::Always => {
-            catalog
-                .client()
-                .execute(
-                    "DELETE FROM walsync.snapshot_progress WHERE slot_name = $1",
-                    &[slot],
-                )
-                .await?;
-        }
+        SnapshotMode::Always => snapshot::forget_copies(catalog, slot).await?,
         SnapshotMode::Initial => {}
     }
     let pending = snapshot::tables_to_copy(catalog, slot, tables).await?;
-    if pending.is_empty() {
+    let targets: Vec<snapshot::CopyTarget> = pending
+        .into_iter()
+        .filter_map(|table| {
+            let key = (table.info.schema.clone(), table.info.name.clone());
+            routes_by_name
+                .get(&key)
+                .map(|(topic, _)| snapshot::CopyTarget {
+                    table,
+                    topic: Arc::clone(topic),
+                })
+        })
+        .collect();
+    if targets.is_empty() {
         return Ok(None);
     }
-    Ok(Some(snapshot::prepare_copy(params, slot, pending).await?))
+    let job = snapshot::CopyJob {
+        params: params.clone(),
+        slot: slot.clone(),
+        settings: snapshot::SnapshotSettings::from_config(&config.snapshot),
+        writer: writer.clone(),
+        producer: Arc::clone(producer),
+        // Soft tombstones during copies hang here (design invariant 5); not built yet.
+        hooks: Arc::new(snapshot::NoHooks),
+    };
+    let started = snapshot::begin_copy(&job, targets).await?;
+    Ok(Some((job, started)))
 }
 
 /// Progress shared between the reader and the status task.
