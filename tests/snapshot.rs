@@ -3,11 +3,23 @@
 
 mod common;
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::kafka::read_topic_until;
+use common::kafka::{Consumed, read_topic, read_topic_until, topic_size};
 use common::pipeline::{RunningPipeline, pipeline_config, wait_equal};
 use common::source::{RunningSource, config_for, drop_slot, name, sql};
+use common::{admin_client, wait_for};
+use walsync::event::{EventWriter, SourceInfo};
+use walsync::kafka::producer::EventProducer;
+use walsync::postgres::catalog::Catalog;
+use walsync::postgres::lsn::Lsn;
+use walsync::postgres::replication::ReplicationClient;
+use walsync::postgres::slot::CapturedTable;
+use walsync::postgres::snapshot::{self, CopyJob, CopyTarget, NoHooks, SnapshotSettings};
+use walsync::postgres::types::{Codec, CodecOptions};
+use walsync::shell::config::{Config, SnapshotMode};
 
 /// Counts the `r` (snapshot) events on a topic, reading until `expected_total` records.
 async fn snapshot_events(topic: &str, expected_total: usize) -> usize {
@@ -86,4 +98,266 @@ async fn a_restart_does_not_copy_again_and_a_table_added_later_is_copied() {
     );
     source.stop().await;
     drop_slot(&name).await;
+}
+
+/// A copy job for `table` as the source would build it, for a test that drives the copy's
+/// steps itself.
+async fn copy_job(config: &Config, schema: &str, table: &str) -> (CopyJob, CopyTarget) {
+    let params = walsync::source::connect_params(config).expect("connection parameters");
+    let identity = ReplicationClient::connect(&params)
+        .await
+        .expect("a replication connection")
+        .identify_system()
+        .await
+        .expect("IDENTIFY_SYSTEM");
+    let writer = EventWriter::new(
+        Arc::new(Codec::new(CodecOptions::default())),
+        Arc::new(SourceInfo {
+            name: config.kafka.topic_prefix.clone(),
+            database: params.dbname.clone(),
+            system_id: identity.system_id,
+            timeline: identity.timeline,
+        }),
+    );
+    let info = Catalog::connect(&params)
+        .await
+        .expect("a metadata connection")
+        .table(schema, table)
+        .await
+        .expect("read the catalog")
+        .expect("the table exists");
+    let target = CopyTarget {
+        table: CapturedTable {
+            key_columns: info.primary_key.clone(),
+            info,
+        },
+        topic: Arc::from(walsync::kafka::topics::topic_name(
+            &config.kafka.topic_prefix,
+            schema,
+            table,
+        )),
+    };
+    let job = CopyJob {
+        params,
+        slot: config.postgres.slot.clone(),
+        settings: SnapshotSettings::from_config(&config.snapshot),
+        writer,
+        producer: Arc::new(EventProducer::new(&config.kafka).expect("a producer")),
+        hooks: Arc::new(NoHooks),
+    };
+    (job, target)
+}
+
+/// A transaction of its own, on its own connection, with an xid.
+async fn open_transaction_with_xid() -> (tokio_postgres::Client, String) {
+    let client = sql().await;
+    client.batch_execute("BEGIN").await.expect("BEGIN");
+    let xid: String = client
+        .query_one("SELECT pg_current_xact_id()::text", &[])
+        .await
+        .expect("an xid")
+        .get(0);
+    (client, xid)
+}
+
+fn source_lsn(record: &Consumed) -> u64 {
+    record.value.as_ref().expect("a value")["source"]["lsn"]
+        .as_u64()
+        .expect("source.lsn")
+}
+
+/// design-notes §2: a transaction whose change is written before the copy's consistent point
+/// and whose commit comes after it. Its change is streamed with an LSN below `cp` but carries
+/// its commit LSN, above `cp`, so it beats the snapshot row (which does not contain it).
+#[tokio::test]
+async fn a_change_written_before_the_consistent_point_and_committed_after_it_wins() {
+    let name = name("snap_t3");
+    let table = format!("public.{name}");
+    let client = sql().await;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id int PRIMARY KEY, note text);
+             INSERT INTO {table} SELECT g, 'snapshot' FROM generate_series(1, 5) g;"
+        ))
+        .await
+        .expect("a table with rows");
+    // The main pipeline streams and indexes; the copy is driven by hand below.
+    let mut config = pipeline_config(&name, &[&table]);
+    config.snapshot.mode = SnapshotMode::Never;
+    let pipeline = RunningPipeline::start(config.clone()).await;
+    let (job, target) = copy_job(&config, "public", &name).await;
+    let admin = admin_client().await;
+    let checkpoint = || async { admin.batch_execute("CHECKPOINT").await.expect("CHECKPOINT") };
+
+    let (t1, t1_xid) = open_transaction_with_xid().await;
+    let copy_job = job.clone();
+    let creating = tokio::spawn(async move { snapshot::begin_copy(&copy_job, vec![target]).await });
+    wait_for("the copy's temporary slot to wait for T1", Duration::from_secs(30), || async {
+        admin
+            .query_opt(
+                "SELECT 1 FROM pg_locks WHERE locktype = 'transactionid' AND transactionid::text = $1 AND NOT granted",
+                &[&t1_xid],
+            )
+            .await
+            .expect("pg_locks")
+            .map(|_| ())
+    })
+    .await;
+    let (t2, _) = open_transaction_with_xid().await;
+    t1.batch_execute("COMMIT").await.expect("commit T1");
+    checkpoint().await;
+    let t3 = sql().await;
+    t3.batch_execute(&format!(
+        "BEGIN; UPDATE {table} SET note = 't3' WHERE id = 1"
+    ))
+    .await
+    .expect("T3 updates R");
+    t2.batch_execute("COMMIT").await.expect("commit T2");
+    checkpoint().await;
+    // The slot becomes consistent while T3 is open (other sessions' transactions on the shared
+    // server can delay it to a later checkpoint).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !creating.is_finished() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the temporary slot never became consistent"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        checkpoint().await;
+    }
+    let started = creating
+        .await
+        .expect("no panic")
+        .expect("the copy's snapshot");
+    let consistent_point = started.consistent_point().as_u64();
+    let copying = tokio::spawn(snapshot::run_copy(job, started));
+    t3.batch_execute("COMMIT").await.expect("commit T3");
+    copying.await.expect("no panic").expect("the copy");
+
+    let topic = format!("{name}.public.{name}");
+    let records = read_topic(&topic, 6, Duration::from_secs(60)).await;
+    let of_r = |op: &str| {
+        records
+            .iter()
+            .find(|record| record.key["id"] == 1 && record.op() == Some(op))
+            .unwrap_or_else(|| panic!("an {op:?} event for R in {records:#?}"))
+            .clone()
+    };
+    let snapshot_row = of_r("r");
+    assert_eq!(
+        snapshot_row.value.as_ref().unwrap()["after"]["note"],
+        "snapshot",
+        "the exported snapshot does not contain T3's change"
+    );
+    assert_eq!(snapshot_row.commit_lsn(), consistent_point - 1);
+    let update = of_r("u");
+    assert!(
+        source_lsn(&update) < consistent_point && consistent_point < update.commit_lsn(),
+        "T3's change: lsn {} < cp {} < commit_lsn {}",
+        Lsn(source_lsn(&update)),
+        Lsn(consistent_point),
+        Lsn(update.commit_lsn())
+    );
+
+    // Every event applied (written or rejected as stale), then the index shows T3's value.
+    let total = topic_size(&topic) as u64;
+    let stats = Arc::clone(&pipeline.stats);
+    wait_for(
+        "the sink to apply every event",
+        Duration::from_secs(60),
+        || {
+            let applied =
+                stats.indexed.load(Ordering::Relaxed) + stats.stale.load(Ordering::Relaxed);
+            async move { (applied >= total).then_some(()) }
+        },
+    )
+    .await;
+    wait_equal(&config, "public", &name, &["id"], Duration::from_secs(60)).await;
+    pipeline.stop().await;
+    drop_slot(&name).await;
+}
+
+/// Reading a table through `COPY … TO STDOUT` against a cursor fetched in pages of 1000 rows,
+/// both down to the values the codec reads. Prints the figures; run by hand:
+/// `cargo test --release --test snapshot copy_against_cursor -- --ignored --nocapture`.
+#[tokio::test]
+#[ignore = "a measurement, not a check"]
+async fn copy_against_cursor() {
+    use bytes::Bytes;
+    use futures_util::StreamExt;
+    use walsync::postgres::pgoutput::TupleValue;
+    use walsync::postgres::snapshot::copy_text::decode_row;
+
+    const ROWS: i64 = 200_000;
+    let name = name("snap_bench");
+    let table = format!("public.{name}");
+    let client = sql().await;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id int PRIMARY KEY, note text, price numeric, at timestamptz, tags text[]);
+             INSERT INTO {table} SELECT g, 'note ' || g, g * 1.5, now(), ARRAY['a', 'b\tc']
+             FROM generate_series(1, {ROWS}) g; ANALYZE {table};"
+        ))
+        .await
+        .expect("a table with rows");
+    let select = format!("SELECT id, note, price, at, tags FROM {table}");
+    for round in 0..3 {
+        let started = std::time::Instant::now();
+        client
+            .batch_execute(&format!("BEGIN; DECLARE c NO SCROLL CURSOR FOR {select}"))
+            .await
+            .unwrap();
+        let mut rows = 0_i64;
+        loop {
+            let page = client.simple_query("FETCH 1000 FROM c").await.unwrap();
+            let mut fetched = 0;
+            for message in page {
+                if let tokio_postgres::SimpleQueryMessage::Row(row) = message {
+                    let values: Vec<TupleValue> = (0..row.len())
+                        .map(|i| match row.get(i) {
+                            Some(text) => TupleValue::Text(Bytes::copy_from_slice(text.as_bytes())),
+                            None => TupleValue::Null,
+                        })
+                        .collect();
+                    std::hint::black_box(values);
+                    fetched += 1;
+                }
+            }
+            rows += fetched;
+            if fetched < 1000 {
+                break;
+            }
+        }
+        client.batch_execute("COMMIT").await.unwrap();
+        let cursor = started.elapsed();
+
+        let started = std::time::Instant::now();
+        let stream = client
+            .copy_out(&format!("COPY ({select}) TO STDOUT"))
+            .await
+            .unwrap();
+        futures_util::pin_mut!(stream);
+        let mut values = Vec::new();
+        let mut copied = 0_i64;
+        while let Some(data) = stream.next().await {
+            let data = data.unwrap();
+            let line = data.slice(..data.len() - 1);
+            decode_row(&line, 5, &mut values).unwrap();
+            std::hint::black_box(&values);
+            copied += 1;
+        }
+        let copy = started.elapsed();
+        assert_eq!((rows, copied), (ROWS, ROWS));
+        eprintln!(
+            "round {round}: {ROWS} rows: cursor {:?} ({:.0} rows/s), COPY {:?} ({:.0} rows/s)",
+            cursor,
+            ROWS as f64 / cursor.as_secs_f64(),
+            copy,
+            ROWS as f64 / copy.as_secs_f64()
+        );
+    }
+    client
+        .batch_execute(&format!("DROP TABLE {table}"))
+        .await
+        .unwrap();
 }

@@ -31,7 +31,7 @@
 //! a copy can come back if its snapshot row reaches the index more than `index.gc_deletes`
 //! after the delete), and `walsync backfill`.
 
-mod copy_text;
+pub mod copy_text;
 pub mod plan;
 mod progress;
 
