@@ -77,6 +77,22 @@ async fn a_restart_does_not_copy_again_and_a_table_added_later_is_copied() {
     let topic = format!("{name}.public.{name}");
     let source = RunningSource::start(config_for(&name, &[&first])).await;
     assert_eq!(snapshot_events(&topic, 100).await, 100);
+    // Recorded once Kafka acknowledged the rows, which is a moment after they can be read.
+    wait_for(
+        "the copy to be recorded",
+        Duration::from_secs(30),
+        || async {
+            client
+                .query_opt(
+                    "SELECT 1 FROM walsync.snapshot_progress WHERE slot_name = $1",
+                    &[&name],
+                )
+                .await
+                .expect("read walsync.snapshot_progress")
+                .map(|_| ())
+        },
+    )
+    .await;
     source.stop().await;
 
     let source = RunningSource::start(config_for(&name, &[&first, &second])).await;
@@ -160,6 +176,33 @@ async fn open_transaction_with_xid() -> (tokio_postgres::Client, String) {
     (client, xid)
 }
 
+/// The xids of every transaction running on the server now.
+async fn running_xids(admin: &tokio_postgres::Client) -> Vec<String> {
+    admin
+        .query(
+            "SELECT backend_xid::text FROM pg_stat_activity WHERE backend_xid IS NOT NULL",
+            &[],
+        )
+        .await
+        .expect("pg_stat_activity")
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+/// Waits until none of `xids` is running any more.
+async fn wait_ended(admin: &tokio_postgres::Client, xids: &[String]) {
+    wait_for(
+        "other transactions to end",
+        Duration::from_secs(60),
+        || async {
+            let running = running_xids(admin).await;
+            (!xids.iter().any(|xid| running.contains(xid))).then_some(())
+        },
+    )
+    .await;
+}
+
 fn source_lsn(record: &Consumed) -> u64 {
     record.value.as_ref().expect("a value")["source"]["lsn"]
         .as_u64()
@@ -203,9 +246,16 @@ async fn a_change_written_before_the_consistent_point_and_committed_after_it_win
             .map(|_| ())
     })
     .await;
+    // The snapshot builder moves on at each running-transactions record (a CHECKPOINT logs
+    // one) once every transaction running at its previous step has ended. Other sessions on
+    // the shared server have transactions too: wait for those, or T3 would start before the
+    // builder's "full snapshot" step and the slot could not become consistent while T3 runs.
+    let building = running_xids(&admin).await;
     let (t2, _) = open_transaction_with_xid().await;
     t1.batch_execute("COMMIT").await.expect("commit T1");
+    wait_ended(&admin, &building).await;
     checkpoint().await;
+    let full = running_xids(&admin).await;
     let t3 = sql().await;
     t3.batch_execute(&format!(
         "BEGIN; UPDATE {table} SET note = 't3' WHERE id = 1"
@@ -213,9 +263,9 @@ async fn a_change_written_before_the_consistent_point_and_committed_after_it_win
     .await
     .expect("T3 updates R");
     t2.batch_execute("COMMIT").await.expect("commit T2");
+    wait_ended(&admin, &full).await;
     checkpoint().await;
-    // The slot becomes consistent while T3 is open (other sessions' transactions on the shared
-    // server can delay it to a later checkpoint).
+    // The slot becomes consistent while T3 is open.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while !creating.is_finished() {
         assert!(
@@ -251,6 +301,12 @@ async fn a_change_written_before_the_consistent_point_and_committed_after_it_win
     );
     assert_eq!(snapshot_row.commit_lsn(), consistent_point - 1);
     let update = of_r("u");
+    eprintln!(
+        "T3's change: lsn {} < cp {} < commit_lsn {}",
+        Lsn(source_lsn(&update)),
+        Lsn(consistent_point),
+        Lsn(update.commit_lsn())
+    );
     assert!(
         source_lsn(&update) < consistent_point && consistent_point < update.commit_lsn(),
         "T3's change: lsn {} < cp {} < commit_lsn {}",
@@ -360,4 +416,57 @@ async fn copy_against_cursor() {
         .batch_execute(&format!("DROP TABLE {table}"))
         .await
         .unwrap();
+}
+
+/// With a snapshot age bound of a second, a copy runs under several snapshots, each chunk at
+/// its own snapshot's `cp − 1`, while changes stream; the index ends equal to the table.
+#[tokio::test]
+async fn a_long_copy_continues_under_fresh_snapshots_and_the_index_ends_equal() {
+    let name = name("snap_age");
+    let table = format!("public.{name}");
+    let client = sql().await;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id int PRIMARY KEY, note text);
+             INSERT INTO {table} SELECT g, 'before' FROM generate_series(1, 50000) g;
+             ANALYZE {table};"
+        ))
+        .await
+        .expect("a table with rows");
+    let mut config = pipeline_config(&name, &[&table]);
+    config.snapshot.workers = 2;
+    config.snapshot.chunk_rows = 1_000;
+    config.snapshot.max_snapshot_age_secs = Some(1);
+    let pipeline = RunningPipeline::start(config.clone()).await;
+    for statement in [
+        format!("UPDATE {table} SET note = 'during' WHERE id % 7 = 0"),
+        format!("DELETE FROM {table} WHERE id % 11 = 0"),
+        format!("INSERT INTO {table} VALUES (11, 'reinserted'), (50001, 'new')"),
+    ] {
+        client.batch_execute(&statement).await.expect(&statement);
+    }
+    wait_for("the copy to complete", Duration::from_secs(300), || async {
+        client
+            .query_opt(
+                "SELECT 1 FROM walsync.snapshot_progress WHERE slot_name = $1",
+                &[&name],
+            )
+            .await
+            .expect("read walsync.snapshot_progress")
+            .map(|_| ())
+    })
+    .await;
+    let snapshots: i64 = client
+        .query_one(
+            "SELECT count(DISTINCT consistent_point) FROM walsync.snapshot_chunks WHERE slot_name = $1",
+            &[&name],
+        )
+        .await
+        .expect("read walsync.snapshot_chunks")
+        .get(0);
+    assert!(snapshots >= 2, "the copy used {snapshots} snapshot(s)");
+    eprintln!("the copy used {snapshots} snapshots");
+    wait_equal(&config, "public", &name, &["id"], Duration::from_secs(180)).await;
+    pipeline.stop().await;
+    drop_slot(&name).await;
 }

@@ -323,7 +323,11 @@ pub async fn migrate(catalog: &mut Catalog) -> Result<Vec<String>, MigrateError>
         .batch_execute("CREATE SCHEMA IF NOT EXISTS walsync")
         .await
         .map_err(MigrateError::Schema)?;
-    let report = embedded::migrations::runner()
+    // A newer walsync may have applied migrations this binary does not know (a rollback to
+    // an older release): migrations only add, so the older binary can still run. A migration
+    // that differs from the one applied under the same version still aborts.
+    let mut runner = embedded::migrations::runner().set_abort_missing(false);
+    let report = runner
         .set_migration_table_name("walsync.schema_history")
         .run_async(catalog.client_mut())
         .await
