@@ -470,3 +470,67 @@ async fn a_long_copy_continues_under_fresh_snapshots_and_the_index_ends_equal() 
     pipeline.stop().await;
     drop_slot(&name).await;
 }
+
+/// `always` copies every table again at every start; `never` copies nothing.
+#[tokio::test]
+async fn mode_always_copies_again_and_mode_never_copies_nothing() {
+    let name = name("snap_modes");
+    let table = format!("public.{name}");
+    let client = sql().await;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id int PRIMARY KEY); INSERT INTO {table} SELECT generate_series(1, 30);"
+        ))
+        .await
+        .expect("a table with rows");
+    let topic = format!("{name}.public.{name}");
+    let recorded = || async {
+        wait_for(
+            "the copy to be recorded",
+            Duration::from_secs(60),
+            || async {
+                client
+                    .query_opt(
+                        "SELECT 1 FROM walsync.snapshot_progress WHERE slot_name = $1",
+                        &[&name],
+                    )
+                    .await
+                    .expect("read walsync.snapshot_progress")
+                    .map(|_| ())
+            },
+        )
+        .await
+    };
+    let mut config = config_for(&name, &[&table]);
+    config.snapshot.mode = SnapshotMode::Always;
+    let source = RunningSource::start(config.clone()).await;
+    assert_eq!(snapshot_events(&topic, 30).await, 30);
+    recorded().await;
+    source.stop().await;
+
+    let source = RunningSource::start(config.clone()).await;
+    assert_eq!(snapshot_events(&topic, 60).await, 60, "copied again");
+    recorded().await;
+    source.stop().await;
+
+    config.snapshot.mode = SnapshotMode::Never;
+    client
+        .execute(
+            "DELETE FROM walsync.snapshot_progress WHERE slot_name = $1",
+            &[&name],
+        )
+        .await
+        .expect("forget the copy");
+    let source = RunningSource::start(config).await;
+    client
+        .batch_execute(&format!("INSERT INTO {table} VALUES (31)"))
+        .await
+        .unwrap();
+    assert_eq!(
+        snapshot_events(&topic, 61).await,
+        60,
+        "nothing copied, the insert streamed"
+    );
+    source.stop().await;
+    drop_slot(&name).await;
+}

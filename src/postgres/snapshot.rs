@@ -373,9 +373,9 @@ pub async fn run_copy(job: CopyJob, started: StartedCopy) -> anyhow::Result<()> 
         Arc::new(tables.iter().map(|table| table.target.clone()).collect());
     let result = async {
         // A crash between a table's last chunk and its record leaves nothing to copy.
-        for index in 0..tables.len() {
-            if tables[index].pending.is_empty() {
-                finish_table(&job, &state, &mut tables[index], progress.table(index)).await?;
+        for (index, table) in tables.iter_mut().enumerate() {
+            if table.pending.is_empty() {
+                finish_table(&job, &state, table, progress.table(index)).await?;
             }
         }
         loop {
