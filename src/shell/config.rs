@@ -437,6 +437,22 @@ mod tests {
     }
 
     #[test]
+    fn the_snapshot_age_bound_is_in_minutes_unless_seconds_are_set() {
+        let mut snapshot = SnapshotConfig::default();
+        assert_eq!(
+            snapshot.max_snapshot_age(),
+            Some(std::time::Duration::from_secs(30 * 60))
+        );
+        snapshot.max_snapshot_age_secs = Some(2);
+        assert_eq!(
+            snapshot.max_snapshot_age(),
+            Some(std::time::Duration::from_secs(2))
+        );
+        snapshot.max_snapshot_age_secs = Some(0);
+        assert_eq!(snapshot.max_snapshot_age(), None, "0 means no bound");
+    }
+
+    #[test]
     fn defaults_apply_when_the_file_is_empty() {
         with_env(&[], || {
             let config = Config::from_toml("").expect("empty config");
