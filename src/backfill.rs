@@ -179,7 +179,7 @@ async fn run_backfill(
         });
     }
 
-    let copy = snapshot::prepare_copy(&params, &config.postgres.slot, vec![table.clone()])
+    let copy = snapshot::import_snapshot(&params, &config.postgres.slot, 1)
         .await
         .context("cannot create the backfill's temporary slot and import its snapshot")?;
     let version = copy.version();
@@ -345,7 +345,7 @@ async fn check_filter(
 async fn copy_rows(
     config: &Config,
     identity: &crate::postgres::replication::SystemIdentity,
-    copy: snapshot::PreparedCopy,
+    copy: snapshot::ImportedSnapshot,
     table: &CapturedTable,
     topic: &str,
     options: &BackfillOptions,
@@ -367,13 +367,16 @@ async fn copy_rows(
     );
     let producer = EventProducer::new(&config.kafka)?;
     let copied = AtomicU64::new(0);
+    let target = snapshot::CopyTarget {
+        table: table.clone(),
+        topic: Arc::from(topic),
+    };
     let copying = snapshot::copy_table_rows(
         &copy,
-        table,
-        Arc::from(topic),
+        &target,
+        options.filter.as_deref(),
         &writer,
         &producer,
-        options.filter.as_deref(),
         &copied,
     );
     tokio::pin!(copying);

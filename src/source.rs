@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use futures_util::future::BoxFuture;
 use tokio::sync::{Notify, watch};
 
 use crate::event::{EventWriter, Op, RowChange, SnapshotMarker, SourceInfo, TableRoute, TxContext};
@@ -212,13 +213,33 @@ async fn stream_once(
         tables = tables.len(), "streaming"
     );
 
+    let writer = EventWriter::new(
+        Arc::new(codec.clone()),
+        Arc::new(SourceInfo {
+            name: config.kafka.topic_prefix.clone(),
+            database: params.dbname.clone(),
+            system_id: identity.system_id.clone(),
+            timeline: identity.timeline,
+        }),
+    );
     // A fresh set per attempt: an interrupted copy is copied again under a new snapshot and
-    // registered again below.
+    // registered again.
     let copies = Arc::new(CopiesInProgress::new(
         Arc::clone(producer),
         identity.system_id.clone(),
     ));
-    let copy = prepare_snapshot(config, params, catalog, tables, &copies).await?;
+    // Every copy worker imports its snapshot before streaming starts; then both run.
+    let copy = prepare_snapshot(
+        config,
+        params,
+        catalog,
+        tables,
+        routes_by_name,
+        &writer,
+        producer,
+        &copies,
+    )
+    .await?;
     let (stream, status) = client
         .start_replication(slot_name, start, &config.postgres.publication)
         .await?;
@@ -237,32 +258,7 @@ async fn stream_once(
     ));
     let heartbeat_task = spawn_heartbeat(config, params.clone());
 
-    let writer = EventWriter::new(
-        Arc::new(codec.clone()),
-        Arc::new(SourceInfo {
-            name: config.kafka.topic_prefix.clone(),
-            database: params.dbname.clone(),
-            system_id: identity.system_id.clone(),
-            timeline: identity.timeline,
-        }),
-    );
-    let copy_task = copy.map(|copy| {
-        let routes: Vec<(CapturedTable, Arc<str>)> = tables
-            .iter()
-            .filter_map(|table| {
-                let key = (table.info.schema.clone(), table.info.name.clone());
-                routes_by_name
-                    .get(&key)
-                    .map(|(topic, _)| (table.clone(), Arc::clone(topic)))
-            })
-            .collect();
-        let (writer, producer) = (writer.clone(), Arc::clone(producer));
-        let (slot, params, copies) = (slot_name.clone(), params.clone(), Arc::clone(&copies));
-        tokio::spawn(async move {
-            let progress = Catalog::connect(&params).await?;
-            snapshot::run_copy(copy, &slot, &routes, &writer, &producer, &progress, &copies).await
-        })
-    });
+    let copy_task = copy.map(|(job, started)| tokio::spawn(snapshot::run_copy(job, started)));
     let copy_abort = copy_task
         .as_ref()
         .map(tokio::task::JoinHandle::abort_handle);
@@ -339,39 +335,52 @@ fn is_transient(error: &anyhow::Error) -> bool {
     false
 }
 
-/// Imports a fresh snapshot for the tables whose initial copy is not complete (all of them
-/// again with `snapshot.mode = "always"`, none with `"never"`).
+/// Starts the copy of the tables whose initial copy is not complete (all of them again with
+/// `snapshot.mode = "always"`, none with `"never"`): plans their chunks and imports a fresh
+/// snapshot into the copy workers.
+#[allow(clippy::too_many_arguments)]
 async fn prepare_snapshot(
     config: &Config,
     params: &ConnectParams,
     catalog: &Catalog,
     tables: &[CapturedTable],
-    copies: &CopiesInProgress,
-) -> anyhow::Result<Option<snapshot::PreparedCopy>> {
+    routes_by_name: &RouteTargets,
+    writer: &EventWriter,
+    producer: &Arc<EventProducer>,
+    copies: &Arc<CopiesInProgress>,
+) -> anyhow::Result<Option<(snapshot::CopyJob, snapshot::StartedCopy)>> {
     let slot = &config.postgres.slot;
     match config.snapshot.mode {
         SnapshotMode::Never => return Ok(None),
-        SnapshotMode::Always => {
-            catalog
-                .client()
-                .execute(
-                    "DELETE FROM walsync.snapshot_progress WHERE slot_name = $1",
-                    &[slot],
-                )
-                .await?;
-        }
+        SnapshotMode::Always => snapshot::forget_copies(catalog, slot).await?,
         SnapshotMode::Initial => {}
     }
     let pending = snapshot::tables_to_copy(catalog, slot, tables).await?;
-    if pending.is_empty() {
+    let targets: Vec<snapshot::CopyTarget> = pending
+        .into_iter()
+        .filter_map(|table| {
+            let key = (table.info.schema.clone(), table.info.name.clone());
+            routes_by_name
+                .get(&key)
+                .map(|(topic, _)| snapshot::CopyTarget {
+                    table,
+                    topic: Arc::clone(topic),
+                })
+        })
+        .collect();
+    if targets.is_empty() {
         return Ok(None);
     }
-    // Before the snapshot is exported: every delete committed at or after its consistent point
-    // is then marked, whenever the copy gets to the table (crate::kafka::copies).
-    for table in &pending {
-        copies.copy_started(&table.qualified_name()).await;
-    }
-    Ok(Some(snapshot::prepare_copy(params, slot, pending).await?))
+    let job = snapshot::CopyJob {
+        params: params.clone(),
+        slot: slot.clone(),
+        settings: snapshot::SnapshotSettings::from_config(&config.snapshot),
+        writer: writer.clone(),
+        producer: Arc::clone(producer),
+        hooks: Arc::new(SoftTombstoneHooks(Arc::clone(copies))),
+    };
+    let started = snapshot::begin_copy(&job, targets).await?;
+    Ok(Some((job, started)))
 }
 
 /// Progress shared between the reader and the status task.
@@ -754,6 +763,33 @@ impl Reader<'_> {
             anyhow::anyhow!(
                 "a row change arrived outside a transaction: the replication stream is out of order"
             )
+        })
+    }
+}
+
+/// The copy hooks that turn deletes during a copy into soft tombstones, purged once the copy's
+/// rows are all in Kafka (design invariant 5, `crate::kafka::copies`).
+struct SoftTombstoneHooks(Arc<CopiesInProgress>);
+
+impl snapshot::CopyHooks for SoftTombstoneHooks {
+    fn copy_started<'a>(&'a self, table: &'a CapturedTable) -> BoxFuture<'a, ()> {
+        Box::pin(async move { self.0.copy_started(&table.qualified_name()).await })
+    }
+
+    fn copy_completed<'a>(
+        &'a self,
+        target: &'a snapshot::CopyTarget,
+        consistent_point: Lsn,
+    ) -> BoxFuture<'a, anyhow::Result<()>> {
+        Box::pin(async move {
+            self.0
+                .copy_completed(
+                    &target.table.info.schema,
+                    &target.table.info.name,
+                    Arc::clone(&target.topic),
+                    consistent_point,
+                )
+                .await
         })
     }
 }

@@ -154,8 +154,21 @@ pub struct SnapshotConfig {
     pub workers: usize,
     /// Rows per chunk.
     pub chunk_rows: u64,
-    /// Continue under a fresh snapshot after this many minutes, so VACUUM is not held back.
+    /// Continue under a fresh snapshot after this many minutes, so VACUUM is not held back;
+    /// 0: one snapshot for the whole copy.
     pub max_snapshot_age_mins: u64,
+    /// The same bound in seconds; when set, it replaces `max_snapshot_age_mins`.
+    pub max_snapshot_age_secs: Option<u64>,
+}
+
+impl SnapshotConfig {
+    /// How long one exported snapshot may be used; `None`: no bound.
+    pub fn max_snapshot_age(&self) -> Option<std::time::Duration> {
+        let seconds = self
+            .max_snapshot_age_secs
+            .unwrap_or(self.max_snapshot_age_mins.saturating_mul(60));
+        (seconds > 0).then(|| std::time::Duration::from_secs(seconds))
+    }
 }
 
 impl Default for SnapshotConfig {
@@ -165,6 +178,7 @@ impl Default for SnapshotConfig {
             workers: 2,
             chunk_rows: 50_000,
             max_snapshot_age_mins: 30,
+            max_snapshot_age_secs: None,
         }
     }
 }
@@ -420,6 +434,22 @@ mod tests {
             }
             check()
         });
+    }
+
+    #[test]
+    fn the_snapshot_age_bound_is_in_minutes_unless_seconds_are_set() {
+        let mut snapshot = SnapshotConfig::default();
+        assert_eq!(
+            snapshot.max_snapshot_age(),
+            Some(std::time::Duration::from_secs(30 * 60))
+        );
+        snapshot.max_snapshot_age_secs = Some(2);
+        assert_eq!(
+            snapshot.max_snapshot_age(),
+            Some(std::time::Duration::from_secs(2))
+        );
+        snapshot.max_snapshot_age_secs = Some(0);
+        assert_eq!(snapshot.max_snapshot_age(), None, "0 means no bound");
     }
 
     #[test]

@@ -428,9 +428,7 @@ impl Sink {
             ),
             None => {
                 let alias = alias_name(&self.config.elasticsearch, &table_config, &key.0, &key.1);
-                let mark = self
-                    .prepare_index(&alias, &table_config, system_id)
-                    .await?;
+                let mark = self.prepare_index(&alias, &table_config, system_id).await?;
                 (alias, mark)
             }
         };
