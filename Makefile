@@ -1,8 +1,10 @@
 # walsync: the two commands a newcomer needs are `make demo` and `make test`.
+DEMO_SECONDS ?= 0
+
 .PHONY: demo test bench stack-up stack-down stack-status build lint fmt
 
-demo: ## bring the local stack up and show the pipeline
-	scripts/demo
+demo: ## the pipeline live on a shop catalogue; DEMO_SECONDS=N runs unattended, ending with verify
+	DEMO_SECONDS=$(DEMO_SECONDS) scripts/demo
 
 test: ## bring the stack up if needed, run every test suite, stop what was started
 	scripts/test
