@@ -179,7 +179,7 @@ async fn run_backfill(
         });
     }
 
-    let copy = snapshot::import_snapshot(&params, &config.postgres.slot, 1)
+    let copy = snapshot::import_snapshot(&params, &config.postgres.slot, "backfill", 1)
         .await
         .context("cannot create the backfill's temporary slot and import its snapshot")?;
     let version = copy.version();

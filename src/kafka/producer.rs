@@ -218,27 +218,7 @@ impl EventProducer {
         if let Some(value) = &record.value {
             pending = pending.payload(&value[..]);
         }
-        loop {
-            match self.producer.send(pending) {
-                Ok(()) => {
-                    HEALTH.delivery_sent();
-                    return Ok(());
-                }
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
-                    pending = returned;
-                    // Woken by a delivery report; the timeout covers a report that raced us.
-                    let space = self.producer.context().queue_space.notified();
-                    let _ = tokio::time::timeout(Duration::from_millis(50), space).await;
-                }
-                Err((error, _)) => {
-                    acks.event_failed();
-                    return Err(ProducerError::Refused(describe_refusal(
-                        &error,
-                        &record.topic,
-                    )));
-                }
-            }
-        }
+        self.enqueue(pending, acks, &record.topic).await
     }
 
     /// Hands one control record to the producer, for its explicit partition, counted against
@@ -254,14 +234,32 @@ impl EventProducer {
             value: Some(record.kind),
         });
         acks.event_sent();
-        let mut pending = BaseRecord::with_opaque_to(&record.topic, Arc::clone(acks))
+        let pending = BaseRecord::with_opaque_to(&record.topic, Arc::clone(acks))
             .partition(record.partition)
             .key(record.key)
             .payload(&record.value[..])
             .headers(headers);
+        self.enqueue(pending, acks, &record.topic).await
+    }
+
+    /// Hands `pending` to the producer, waiting while its queue is full (woken by a delivery
+    /// report; the timeout covers a report that raced the wait).
+    async fn enqueue<K, P>(
+        &self,
+        mut pending: BaseRecord<'_, K, P, Arc<TxAcks>>,
+        acks: &TxAcks,
+        topic: &str,
+    ) -> Result<(), ProducerError>
+    where
+        K: rdkafka::message::ToBytes + ?Sized,
+        P: rdkafka::message::ToBytes + ?Sized,
+    {
         loop {
             match self.producer.send(pending) {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    HEALTH.delivery_sent();
+                    return Ok(());
+                }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
                     pending = returned;
                     let space = self.producer.context().queue_space.notified();
@@ -269,10 +267,7 @@ impl EventProducer {
                 }
                 Err((error, _)) => {
                     acks.event_failed();
-                    return Err(ProducerError::Refused(describe_refusal(
-                        &error,
-                        &record.topic,
-                    )));
+                    return Err(ProducerError::Refused(describe_refusal(&error, topic)));
                 }
             }
         }

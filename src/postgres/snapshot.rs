@@ -144,6 +144,11 @@ pub struct ImportedSnapshot {
 }
 
 impl ImportedSnapshot {
+    /// The worker connections, each inside a transaction that imported the snapshot.
+    pub fn into_workers(self) -> Vec<Catalog> {
+        self.workers
+    }
+
     pub fn consistent_point(&self) -> Lsn {
         self.consistent_point
     }
@@ -156,19 +161,18 @@ impl ImportedSnapshot {
 
 /// Creates a temporary slot with an exported snapshot and imports that snapshot into
 /// `workers` new read-only transactions. The temporary slot (and its connection) goes once
-/// the snapshot is imported: the workers' transactions keep it.
+/// the snapshot is imported: the workers' transactions keep it. `purpose` names the slot
+/// (`<slot>_<purpose>_<pid>_<n>`: `snapshot`, `backfill`, `verify`).
 pub async fn import_snapshot(
     params: &ConnectParams,
     slot: &str,
+    purpose: &str,
     workers: usize,
 ) -> anyhow::Result<ImportedSnapshot> {
-    static SNAPSHOTS: AtomicU64 = AtomicU64::new(0);
-    let mut exporter = ReplicationClient::connect(params).await?;
-    let temporary = format!(
-        "{slot}_snapshot_{}_{}",
-        std::process::id(),
-        SNAPSHOTS.fetch_add(1, Ordering::Relaxed)
-    );
+    let mut exporter = ReplicationClient::connect(params).await.context(
+        "cannot open a replication connection for the snapshot (the role needs the REPLICATION attribute)",
+    )?;
+    let temporary = temporary_slot_name(slot, purpose);
     let created = exporter
         .create_logical_slot(&temporary, true, SlotSnapshot::Export)
         .await
@@ -182,13 +186,29 @@ pub async fn import_snapshot(
     tracing::info!(
         consistent_point = %created.consistent_point,
         workers = workers.len(),
-        "snapshot imported; copying while streaming"
+        purpose,
+        "snapshot imported"
     );
     Ok(ImportedSnapshot {
         workers,
         consistent_point: created.consistent_point,
         imported_at: Instant::now(),
     })
+}
+
+/// `<slot>_<purpose>_<pid>_<n>`, within PostgreSQL's 63-byte limit; `n` counts this process's
+/// temporary slots, so a new one never collides with one whose backend is still going away.
+fn temporary_slot_name(slot: &str, purpose: &str) -> String {
+    const MAX_SLOT_NAME: usize = 63;
+    static TEMPORARY_SLOTS: AtomicU64 = AtomicU64::new(0);
+    let suffix = format!(
+        "_{purpose}_{}_{}",
+        std::process::id(),
+        TEMPORARY_SLOTS.fetch_add(1, Ordering::Relaxed)
+    );
+    let keep = MAX_SLOT_NAME.saturating_sub(suffix.len()).min(slot.len());
+    // Slot names are ASCII ([a-z0-9_]), so any byte is a boundary.
+    format!("{}{suffix}", &slot[..keep])
 }
 
 async fn import_into_new_worker(params: &ConnectParams, snapshot: &str) -> anyhow::Result<Catalog> {
@@ -268,7 +288,8 @@ pub async fn begin_copy(job: &CopyJob, targets: Vec<CopyTarget>) -> anyhow::Resu
     let state = Catalog::connect(&job.params)
         .await
         .context("cannot open the snapshot's progress connection")?;
-    let snapshot = import_snapshot(&job.params, &job.slot, job.settings.workers).await?;
+    let snapshot =
+        import_snapshot(&job.params, &job.slot, "snapshot", job.settings.workers).await?;
     let mut tables: Vec<TableCopy> = targets
         .into_iter()
         .map(|target| TableCopy {
@@ -417,7 +438,8 @@ pub async fn run_copy(job: CopyJob, started: StartedCopy) -> anyhow::Result<()> 
                     .sum::<usize>(),
                 "the snapshot reached its age bound; continuing under a fresh snapshot"
             );
-            snapshot = import_snapshot(&job.params, &job.slot, job.settings.workers).await?;
+            snapshot =
+                import_snapshot(&job.params, &job.slot, "snapshot", job.settings.workers).await?;
             ensure_plans(&job, &snapshot, &state, &mut tables).await?;
         }
     }
@@ -776,6 +798,15 @@ async fn snapshot_relation(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn temporary_slot_names_fit_postgres_limit_and_never_repeat() {
+        let long = "s".repeat(80);
+        let first = temporary_slot_name(&long, "verify");
+        assert!(first.len() <= 63, "{first}");
+        assert_ne!(first, temporary_slot_name(&long, "verify"));
+        assert!(temporary_slot_name("walsync", "backfill").starts_with("walsync_backfill_"));
+    }
 
     use crate::sink::bulk::{ActionKind, BulkAction, BulkRequest};
 

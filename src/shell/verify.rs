@@ -34,10 +34,9 @@ use crate::kafka::producer::client_config;
 use crate::kafka::topics::topic_name;
 use crate::postgres::catalog::Catalog;
 use crate::postgres::lsn::Lsn;
-use crate::postgres::replication::{
-    ConnectParams, ReplicationClient, SlotSnapshot, quote_identifier, quote_literal,
-};
+use crate::postgres::replication::{ConnectParams, quote_identifier};
 use crate::postgres::slot::split_table_name;
+use crate::postgres::snapshot;
 use crate::postgres::types::CodecOptions;
 use crate::shell::cli::VerifyArgs;
 use crate::shell::config::{Config, TableConfig};
@@ -111,7 +110,7 @@ async fn verify(config: &Config, args: &VerifyArgs) -> anyhow::Result<bool> {
     let search = build_client(&config.elasticsearch)?;
     let deadline = Duration::from_secs(args.wait_secs);
 
-    let first = take_snapshot(&params, &config.postgres.slot, 1).await?;
+    let first = take_snapshot(&params, &config.postgres.slot).await?;
     println!(
         "snapshot at {}; waiting for the source and the sink to pass it",
         first.consistent_point
@@ -130,7 +129,7 @@ async fn verify(config: &Config, args: &VerifyArgs) -> anyhow::Result<bool> {
     // Ids that differed under one snapshot only, per table: changes in flight.
     let mut in_flight = vec![0_usize; targets.len()];
     if !suspects.is_empty() {
-        let second = take_snapshot(&params, &config.postgres.slot, 2).await?;
+        let second = take_snapshot(&params, &config.postgres.slot).await?;
         println!(
             "{} table(s) differ; checking the differing ids again under a second snapshot at {}",
             suspects.len(),
@@ -237,47 +236,18 @@ async fn resolve_targets(
     Ok(targets)
 }
 
-/// Creates a temporary slot with an exported snapshot and imports the snapshot into a
-/// read-only repeatable-read transaction. The slot goes with its connection once the
-/// snapshot is imported: the transaction keeps the snapshot.
-async fn take_snapshot(params: &ConnectParams, slot: &str, pass: u32) -> anyhow::Result<Snapshot> {
-    let mut exporter = ReplicationClient::connect(params)
-        .await
-        .context("cannot open a replication connection for the snapshot (the role needs the REPLICATION attribute)")?;
-    let temporary = temporary_slot_name(slot, pass);
-    let created = exporter
-        .create_logical_slot(&temporary, true, SlotSnapshot::Export)
-        .await
-        .with_context(|| format!("cannot create the temporary slot {temporary}"))?;
-    let snapshot = created
-        .snapshot_name
-        .context("CREATE_REPLICATION_SLOT exported no snapshot")?;
-    let worker = Catalog::connect(params)
-        .await
-        .context("cannot open the snapshot's connection")?;
-    worker
-        .client()
-        .batch_execute(&format!(
-            "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET TRANSACTION SNAPSHOT {}",
-            quote_literal(&snapshot)
-        ))
-        .await
-        .context("cannot import the exported snapshot")?;
-    drop(exporter);
+/// One read-only repeatable-read transaction under a fresh temporary slot's exported snapshot.
+async fn take_snapshot(params: &ConnectParams, slot: &str) -> anyhow::Result<Snapshot> {
+    let imported = snapshot::import_snapshot(params, slot, "verify", 1).await?;
+    let consistent_point = imported.consistent_point();
+    let worker = imported
+        .into_workers()
+        .pop()
+        .context("the snapshot has no worker connection")?;
     Ok(Snapshot {
         worker,
-        consistent_point: created.consistent_point,
+        consistent_point,
     })
-}
-
-/// `<slot>_verify_<pid>_<pass>`, within PostgreSQL's 63-byte limit: the pass keeps the second
-/// snapshot's slot from colliding with the first, whose backend may still be going away.
-fn temporary_slot_name(slot: &str, pass: u32) -> String {
-    const MAX_SLOT_NAME: usize = 63;
-    let suffix = format!("_verify_{}_{pass}", std::process::id());
-    let keep = MAX_SLOT_NAME.saturating_sub(suffix.len()).min(slot.len());
-    // Slot names are ASCII ([a-z0-9_]), so any byte is a boundary.
-    format!("{}{suffix}", &slot[..keep])
 }
 
 /// Waits until everything before `cp` is in Kafka and applied by the sink.
@@ -582,15 +552,6 @@ mod tests {
         assert_eq!(confirmed.missing, ["2"]);
         assert!(confirmed.extra.is_empty());
         assert!(confirmed.different.is_empty());
-    }
-
-    #[test]
-    fn temporary_slot_names_fit_postgres_limit_and_differ_per_pass() {
-        let long = "s".repeat(80);
-        let first = temporary_slot_name(&long, 1);
-        assert!(first.len() <= 63, "{first}");
-        assert_ne!(first, temporary_slot_name(&long, 2));
-        assert!(temporary_slot_name("walsync", 1).starts_with("walsync_verify_"));
     }
 
     #[test]
