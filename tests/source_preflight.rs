@@ -851,3 +851,47 @@ async fn the_heartbeat_counts_beats_for_the_slot() {
         .await;
     drop_publication(&client, &name).await;
 }
+
+#[tokio::test]
+async fn walsyncs_starting_at_once_on_a_fresh_database_apply_each_migration_once() {
+    let database = name("mig_race");
+    let admin = admin_client().await;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {database} OWNER walsync"))
+        .await
+        .expect("create a fresh database");
+    let mut config = config_for(&database, &[]);
+    let (server, _) = stack()
+        .pg_url
+        .rsplit_once('/')
+        .expect("the URL names a database");
+    config.postgres.url = format!("{server}/{database}");
+    let params = source::connect_params(&config).expect("connection parameters");
+
+    let runs = (0..4).map(|_| {
+        let params = params.clone();
+        async move {
+            let mut catalog = walsync::postgres::catalog::Catalog::connect(&params)
+                .await
+                .expect("connect");
+            walsync::postgres::slot::migrate(&mut catalog).await
+        }
+    });
+    let results = futures_util::future::join_all(runs).await;
+    let mut applied = Vec::new();
+    for result in results {
+        applied.extend(result.expect("every start migrates or finds nothing to do"));
+    }
+    let on_disk = std::fs::read_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("migrations"))
+        .expect("the migrations folder")
+        .count();
+    assert_eq!(
+        applied.len(),
+        on_disk,
+        "each migration applied once: {applied:?}"
+    );
+    admin
+        .batch_execute(&format!("DROP DATABASE {database} WITH (FORCE)"))
+        .await
+        .expect("drop the database");
+}

@@ -327,6 +327,29 @@ pub fn known_migrations() -> Vec<(i64, String)> {
 
 /// Applies walsync's pending migrations; returns the names of those applied.
 pub async fn migrate(catalog: &mut Catalog) -> Result<Vec<String>, MigrateError> {
+    // Two walsync processes starting at once (a source and a `verify`, two pipelines on one
+    // database) would race to create the schema and apply the same migration; one would fail.
+    // A session advisory lock makes them take turns; the second finds nothing to apply.
+    catalog
+        .client()
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(MigrateError::Lock)?;
+    let result = apply_migrations(catalog).await;
+    let unlocked = catalog
+        .client()
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
+    let applied = result?;
+    unlocked.map_err(MigrateError::Lock)?;
+    Ok(applied)
+}
+
+/// The advisory lock key that serialises walsync's migrations in a database ("walsync" in
+/// ASCII).
+const MIGRATION_LOCK: i64 = 0x0077_616c_7379_6e63;
+
+async fn apply_migrations(catalog: &mut Catalog) -> Result<Vec<String>, MigrateError> {
     catalog
         .client()
         .batch_execute("CREATE SCHEMA IF NOT EXISTS walsync")
@@ -456,6 +479,8 @@ pub enum MigrateError {
     Schema(tokio_postgres::Error),
     #[error("migrations failed: {0}")]
     Run(String),
+    #[error("cannot take or release the migration lock (pg_advisory_lock): {0}")]
+    Lock(tokio_postgres::Error),
 }
 
 #[cfg(test)]
