@@ -90,7 +90,13 @@ impl Walsync {
             .append(true)
             .open(&log)
             .expect("open the log");
-        let child = Command::new(binary)
+        let mut command_line = Command::new(binary);
+        // Tests run side by side: only one process could listen on the default 127.0.0.1:9898.
+        // A test that checks the endpoints names its own address in a [metrics] section.
+        if !config.contains("[metrics]") {
+            command_line.env("WALSYNC_METRICS__LISTEN", "off");
+        }
+        let child = command_line
             .arg(command)
             .arg("--config")
             .arg(&config_path)
