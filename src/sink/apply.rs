@@ -145,6 +145,25 @@ pub struct Sink {
 }
 
 impl Sink {
+    /// `_delete_by_query` on `alias` (conflicts proceed, refreshed when done): truncates and the
+    /// purge of soft tombstones after a copy.
+    async fn delete_by_query(
+        &self,
+        alias: &str,
+        query: &Value,
+    ) -> Result<elasticsearch::http::response::Response, elasticsearch::Error> {
+        self.client
+            .send(
+                Method::Post,
+                &format!("/{alias}/_delete_by_query?conflicts=proceed&refresh=true"),
+                HeaderMap::new(),
+                Option::<&()>::None,
+                Some(query.to_string()),
+                Some(Duration::from_secs(600)),
+            )
+            .await
+    }
+
     pub async fn new(config: Config) -> anyhow::Result<Self> {
         let client = index::build_client(&config.elasticsearch)?;
         let dead_letter_topic = topics::dead_letter_topic(&config.kafka.topic_prefix);
@@ -864,20 +883,8 @@ impl Sink {
                 {"range": {"walsync.lsn": {"lt": mark.lsn}}}
             ]}}
         ], "minimum_should_match": 1}}});
-        let path = format!(
-            "/{}/_delete_by_query?conflicts=proceed&refresh=true",
-            target.alias
-        );
         let response = self
-            .client
-            .send(
-                Method::Post,
-                &path,
-                HeaderMap::new(),
-                Option::<&()>::None,
-                Some(query.to_string()),
-                Some(Duration::from_secs(600)),
-            )
+            .delete_by_query(&target.alias, &query)
             .await
             .context("delete_by_query for a truncate")?;
         let status = response.status_code();
@@ -970,19 +977,7 @@ impl Sink {
                 }
             });
         }
-        let path = format!("/{alias}/_delete_by_query?conflicts=proceed&refresh=true");
-        let response = match self
-            .client
-            .send(
-                Method::Post,
-                &path,
-                HeaderMap::new(),
-                Option::<&()>::None,
-                Some(purge_query(partition).to_string()),
-                Some(Duration::from_secs(600)),
-            )
-            .await
-        {
+        let response = match self.delete_by_query(alias, &purge_query(partition)).await {
             Ok(response) => response,
             Err(error) => return Ok(PurgeOutcome::Retry(format!("transport: {error}"))),
         };
