@@ -176,30 +176,27 @@ async fn open_transaction_with_xid() -> (tokio_postgres::Client, String) {
     (client, xid)
 }
 
-/// The xids of every transaction running on the server now.
-async fn running_xids(admin: &tokio_postgres::Client) -> Vec<String> {
-    admin
-        .query(
-            "SELECT backend_xid::text FROM pg_stat_activity WHERE backend_xid IS NOT NULL",
-            &[],
-        )
-        .await
-        .expect("pg_stat_activity")
-        .iter()
-        .map(|row| row.get(0))
-        .collect()
-}
-
-/// Waits until none of `xids` is running any more.
-async fn wait_ended(admin: &tokio_postgres::Client, xids: &[String]) {
-    wait_for(
-        "other transactions to end",
-        Duration::from_secs(60),
-        || async {
-            let running = running_xids(admin).await;
-            (!xids.iter().any(|xid| running.contains(xid))).then_some(())
-        },
-    )
+/// Waits until the walsender creating one of `slot`'s temporary slots waits for transaction
+/// `xid` to end: the snapshot builder waits, at each of its steps, for every transaction the
+/// step's running-transactions record lists. Other walsenders (other tests' copies) may wait
+/// for the same transaction; only ours tells where our builder is.
+async fn wait_for_builder_waiting_on(admin: &tokio_postgres::Client, slot: &str, xid: &str) {
+    let what = format!("the copy's temporary slot to wait for transaction {xid}");
+    wait_for(&what, Duration::from_secs(60), || async {
+        // A CHECKPOINT logs a running-transactions record: the builder needs one after
+        // every step, and the server's own come only every 15 s.
+        admin.batch_execute("CHECKPOINT").await.expect("CHECKPOINT");
+        admin
+            .query_opt(
+                "SELECT 1 FROM pg_locks l JOIN pg_replication_slots s ON s.active_pid = l.pid
+                  WHERE starts_with(s.slot_name, $1 || '_') AND l.locktype = 'transactionid'
+                    AND l.transactionid::text = $2 AND NOT l.granted",
+                &[&slot, &xid],
+            )
+            .await
+            .expect("pg_locks")
+            .map(|_| ())
+    })
     .await;
 }
 
@@ -232,30 +229,19 @@ async fn a_change_written_before_the_consistent_point_and_committed_after_it_win
     let admin = admin_client().await;
     let checkpoint = || async { admin.batch_execute("CHECKPOINT").await.expect("CHECKPOINT") };
 
+    // The snapshot builder (PostgreSQL's snapbuild.c) becomes consistent in three steps, each
+    // at a running-transactions record: BUILDING at the first, waiting for the transactions it
+    // lists (T1); FULL at the next one once those ended, waiting for the transactions that
+    // one lists (T2); CONSISTENT at the next one once those ended. T3 begins after the FULL
+    // step, so the builder never waits for it and becomes consistent while T3 is open.
+    let slot = config.postgres.slot.clone();
     let (t1, t1_xid) = open_transaction_with_xid().await;
     let copy_job = job.clone();
     let creating = tokio::spawn(async move { snapshot::begin_copy(&copy_job, vec![target]).await });
-    wait_for("the copy's temporary slot to wait for T1", Duration::from_secs(30), || async {
-        admin
-            .query_opt(
-                "SELECT 1 FROM pg_locks WHERE locktype = 'transactionid' AND transactionid::text = $1 AND NOT granted",
-                &[&t1_xid],
-            )
-            .await
-            .expect("pg_locks")
-            .map(|_| ())
-    })
-    .await;
-    // The snapshot builder moves on at each running-transactions record (a CHECKPOINT logs
-    // one) once every transaction running at its previous step has ended. Other sessions on
-    // the shared server have transactions too: wait for those, or T3 would start before the
-    // builder's "full snapshot" step and the slot could not become consistent while T3 runs.
-    let building = running_xids(&admin).await;
-    let (t2, _) = open_transaction_with_xid().await;
+    wait_for_builder_waiting_on(&admin, &slot, &t1_xid).await;
+    let (t2, t2_xid) = open_transaction_with_xid().await;
     t1.batch_execute("COMMIT").await.expect("commit T1");
-    wait_ended(&admin, &building).await;
-    checkpoint().await;
-    let full = running_xids(&admin).await;
+    wait_for_builder_waiting_on(&admin, &slot, &t2_xid).await;
     let t3 = sql().await;
     t3.batch_execute(&format!(
         "BEGIN; UPDATE {table} SET note = 't3' WHERE id = 1"
@@ -263,9 +249,6 @@ async fn a_change_written_before_the_consistent_point_and_committed_after_it_win
     .await
     .expect("T3 updates R");
     t2.batch_execute("COMMIT").await.expect("commit T2");
-    wait_ended(&admin, &full).await;
-    checkpoint().await;
-    // The slot becomes consistent while T3 is open.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while !creating.is_finished() {
         assert!(
