@@ -5,6 +5,11 @@
 //! the table's topic (design notes §2): every streamed change committed at or after `cp` wins
 //! over them, in whatever order the two reach the index, so the stream never pauses.
 //!
+//! Before its temporary slot exists, the backfill registers with the source streaming the
+//! slot (`crate::postgres::copy_registry`), which then marks the table's deletes for soft
+//! tombstones until the backfill's rows are all in Kafka (design invariant 5): a row deleted
+//! during the copy cannot come back, however late its copied row reaches the index.
+//!
 //! - **In place** (no `--into`): the running sink applies the rows to the table's alias. The
 //!   backfill then waits until everything committed before its copy ended is in the index: the
 //!   source confirmed a WAL position read after the copy (so it is in Kafka), and the sink's
@@ -37,6 +42,7 @@ use crate::event::{EventWriter, SourceInfo};
 use crate::kafka::producer::{EventProducer, client_config};
 use crate::kafka::topics;
 use crate::postgres::catalog::Catalog;
+use crate::postgres::copy_registry::{CopyRegistration, RegistrationState};
 use crate::postgres::lsn::Lsn;
 use crate::postgres::replication::{ReplicationClient, quote_identifier};
 use crate::postgres::slot::{self, CapturedTable};
@@ -48,6 +54,9 @@ use crate::sink::index::{self, IndexOverrides, alias_name, index_mappings, index
 
 /// Kafka metadata and offset requests give up after this long (and are retried by the loops).
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the source may take to register the backfill (it looks every 250 ms).
+const REGISTRATION_WAIT: Duration = Duration::from_secs(60);
 
 /// How often progress lines are printed.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
@@ -179,6 +188,8 @@ async fn run_backfill(
         });
     }
 
+    let registration =
+        register_with_source(&catalog, &config.postgres.slot, &schema, &name, &topic).await?;
     let copy = snapshot::import_snapshot(&params, &config.postgres.slot, "backfill", 1)
         .await
         .context("cannot create the backfill's temporary slot and import its snapshot")?;
@@ -204,6 +215,7 @@ async fn run_backfill(
     );
 
     let deadline = Instant::now() + options.timeout;
+    complete_registration(&catalog, registration, consistent_point, deadline).await?;
     let position = current_wal_position(&catalog).await?;
     wait_source_confirmed(&catalog, &config.postgres.slot, position, deadline).await?;
     println!("stream position: {position} is in Kafka");
@@ -446,6 +458,76 @@ async fn current_wal_position(catalog: &Catalog) -> anyhow::Result<Lsn> {
 
 /// Waits until the pipeline's slot confirmed `position`: every change committed before it is in
 /// Kafka (the source confirms only what Kafka acknowledged).
+/// Tells the source streaming `slot` that `schema.table` is being copied, and waits until it
+/// marks the table's deletes for soft tombstones: a delete of a row the copy reads later
+/// must not let that row come back (design invariant 5, `crate::postgres::copy_registry`).
+/// `catalog`'s session holds the registration until the backfill ends.
+async fn register_with_source(
+    catalog: &Catalog,
+    slot: &str,
+    schema: &str,
+    table: &str,
+    topic: &str,
+) -> anyhow::Result<CopyRegistration> {
+    let client = catalog.client();
+    let registration = CopyRegistration::request(client, slot, schema, table, topic).await?;
+    let deadline = Instant::now() + REGISTRATION_WAIT;
+    loop {
+        match registration.state(client).await? {
+            Some(RegistrationState::Requested) if Instant::now() < deadline => {}
+            Some(RegistrationState::Requested) | None => {
+                registration.remove(client).await?;
+                bail!(
+                    "no walsync source streaming slot {slot} took the backfill's registration within {} s: \
+                     start `walsync run` (or `walsync source`) with this configuration, then run the backfill again \
+                     (the source must mark deletes during the copy, or rows deleted meanwhile could come back)",
+                    REGISTRATION_WAIT.as_secs()
+                );
+            }
+            Some(_) => {
+                println!(
+                    "registered with the source: deletes of {schema}.{table} become soft tombstones until the copy is complete"
+                );
+                return Ok(registration);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Every row is in Kafka: asks the source to end the copy (it writes the `copy_completed`
+/// control records after every delete it marked, and the sink purges the soft tombstones when
+/// it reaches them), waits for it, and removes the registration.
+async fn complete_registration(
+    catalog: &Catalog,
+    registration: CopyRegistration,
+    consistent_point: Lsn,
+    deadline: Instant,
+) -> anyhow::Result<()> {
+    let client = catalog.client();
+    registration.mark_copied(client, consistent_point).await?;
+    loop {
+        match registration.state(client).await? {
+            Some(RegistrationState::Completed) => break,
+            None => bail!(
+                "the backfill's registration {} disappeared before the source completed it; run the backfill again",
+                registration.id()
+            ),
+            Some(state) if Instant::now() >= deadline => bail!(
+                "the source has not completed the backfill's registration in time (still {}): is `walsync run` \
+                 (or `walsync source`) running? The rows were produced; rerun the backfill or raise --timeout",
+                state.as_str()
+            ),
+            Some(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    registration.remove(client).await?;
+    println!(
+        "the source wrote the copy's control records: soft tombstones are purged as the sink reaches them"
+    );
+    Ok(())
+}
+
 async fn wait_source_confirmed(
     catalog: &Catalog,
     slot_name: &str,

@@ -19,11 +19,12 @@ use futures_util::future::BoxFuture;
 use tokio::sync::{Notify, watch};
 
 use crate::event::{EventWriter, Op, RowChange, SnapshotMarker, SourceInfo, TableRoute, TxContext};
-use crate::kafka::copies::CopiesInProgress;
+use crate::kafka::copies::{CopiesInProgress, RegistryFollower};
 use crate::kafka::frontier::{FlushFrontier, TxAcks};
 use crate::kafka::producer::EventProducer;
 use crate::kafka::topics;
 use crate::postgres::catalog::Catalog;
+use crate::postgres::copy_registry::RegistryError;
 use crate::postgres::lsn::Lsn;
 use crate::postgres::pgoutput::{self, LogicalMessage, OldTuple, Relations};
 use crate::postgres::replication::frames::{ErrorAction, ReplicationMessage, StatusUpdate};
@@ -228,6 +229,17 @@ async fn stream_once(
         Arc::clone(producer),
         identity.system_id.clone(),
     ));
+    // Backfills in other processes: the ones still running are registered before any delete
+    // is read (crate::postgres::copy_registry).
+    let mut registry = RegistryFollower::new(
+        Catalog::connect(params).await?,
+        slot_name.to_owned(),
+        Arc::clone(&copies),
+    );
+    registry
+        .sync()
+        .await
+        .context("cannot read the backfills registered in walsync.copy_registrations")?;
     // Every copy worker imports its snapshot before streaming starts; then both run.
     let copy = prepare_snapshot(
         config,
@@ -272,6 +284,15 @@ async fn stream_once(
             None => std::future::pending().await,
         }
     };
+    let registry_task = tokio::spawn(registry.run());
+    let registry_abort = registry_task.abort_handle();
+    let registry_failure = async move {
+        match registry_task.await {
+            Ok(Ok(())) => std::future::pending().await,
+            Ok(Err(error)) => error.context("following the registered backfills failed"),
+            Err(error) => anyhow::anyhow!("the registered-backfills task failed: {error}"),
+        }
+    };
     let mut reader = Reader {
         stream,
         writer,
@@ -287,7 +308,9 @@ async fn stream_once(
     let outcome = tokio::select! {
         outcome = reader.run(stop) => outcome,
         failure = copy_failure => Err(failure),
+        failure = registry_failure => Err(failure),
     };
+    registry_abort.abort();
     if let Some(task) = heartbeat_task {
         task.abort();
     }
@@ -326,13 +349,17 @@ fn is_transient(error: &anyhow::Error) -> bool {
         return replication.action() == ErrorAction::Retry;
     }
     if let Some(postgres) = error.downcast_ref::<tokio_postgres::Error>() {
-        let code = postgres.code().map(|code| code.code()).unwrap_or("");
-        return postgres.is_closed()
-            || code.starts_with("08")
-            || code.starts_with("57P")
-            || code.starts_with("53");
+        return postgres_is_transient(postgres);
+    }
+    if let Some(RegistryError::Postgres(postgres)) = error.downcast_ref::<RegistryError>() {
+        return postgres_is_transient(postgres);
     }
     false
+}
+
+fn postgres_is_transient(error: &tokio_postgres::Error) -> bool {
+    let code = error.code().map(|code| code.code()).unwrap_or("");
+    error.is_closed() || code.starts_with("08") || code.starts_with("57P") || code.starts_with("53")
 }
 
 /// Starts the copy of the tables whose initial copy is not complete (all of them again with

@@ -15,7 +15,10 @@ use elasticsearch::{CountParts, Elasticsearch};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
+use walsync::backfill::BackfillOptions;
 use walsync::kafka::control::{CONTROL_HEADER, COPY_COMPLETED, CopyCompleted};
+use walsync::postgres::copy_registry::CopyRegistration;
+use walsync::shell::config::SnapshotMode;
 use walsync::sink::apply::Sink;
 use walsync::sink::index::refresh;
 
@@ -69,6 +72,75 @@ async fn workload_round(client: &tokio_postgres::Client, table: &str, hi: i64) {
         ))
         .await
         .expect("a workload round");
+}
+
+/// The topic of table `public.<name>`: in each partition the copy's rows and its marked
+/// deletes all come before the copy_completed record, some deletes were marked, and the deletes
+/// after it are not marked.
+async fn assert_marked_deletes_precede_the_control_records(name: &str) {
+    let topic = format!("{name}.public.{name}");
+    let total = topic_size(&topic) as usize;
+    #[derive(Default, Debug)]
+    struct Partition {
+        last_read: i64,
+        last_marked_delete: i64,
+        control: Vec<i64>,
+        marked_deletes: usize,
+        unmarked_deletes_after_control: usize,
+    }
+    let mut partitions: HashMap<i32, Partition> = HashMap::new();
+    let mut seen = 0;
+    read_records_until(&topic, Duration::from_secs(300), |record| {
+        seen += 1;
+        let partition = partitions.entry(record.partition).or_default();
+        if record.is_control() {
+            assert_eq!(record.headers[CONTROL_HEADER], COPY_COMPLETED);
+            let value = record.value.as_ref().expect("a control value");
+            assert_eq!(value["partition"], record.partition);
+            assert_eq!(value["table"], name);
+            partition.control.push(record.offset);
+        } else if let Some(value) = &record.value {
+            match (record.op(), value["source"]["soft_delete"].as_bool()) {
+                (Some("r"), _) => partition.last_read = record.offset,
+                (Some("d"), Some(true)) => {
+                    partition.last_marked_delete = record.offset;
+                    partition.marked_deletes += 1;
+                }
+                (Some("d"), _) if !partition.control.is_empty() => {
+                    partition.unmarked_deletes_after_control += 1
+                }
+                _ => {}
+            }
+        }
+        seen >= total
+    })
+    .await;
+    let mut marked = 0;
+    for (number, partition) in &partitions {
+        let control = *partition
+            .control
+            .last()
+            .unwrap_or_else(|| panic!("partition {number} has no copy_completed record"));
+        assert!(
+            partition.last_read < control && partition.last_marked_delete < control,
+            "partition {number}: {partition:?}"
+        );
+        marked += partition.marked_deletes;
+    }
+    println!(
+        "{marked} marked deletes; {} unmarked after the copy",
+        partitions
+            .values()
+            .map(|p| p.unmarked_deletes_after_control)
+            .sum::<usize>()
+    );
+    assert!(marked > 0, "deletes during the copy were marked");
+    assert!(
+        partitions
+            .values()
+            .any(|p| p.unmarked_deletes_after_control > 0),
+        "deletes after the copy are plain deletes"
+    );
 }
 
 /// Checked once with the marker disabled (the source never marking deletes): the index ended
@@ -132,71 +204,7 @@ async fn deletes_during_a_copy_never_bring_rows_back_and_no_tombstone_outlives_t
     wait_equal(&config, "public", &name, &["id"], Duration::from_secs(60)).await;
     pipeline.stop().await;
 
-    // The topic: in each partition the copy's rows and its marked deletes all come before the
-    // copy_completed record, and the deletes after it are not marked.
-    let topic = format!("{name}.public.{name}");
-    let total = topic_size(&topic) as usize;
-    #[derive(Default, Debug)]
-    struct Partition {
-        last_read: i64,
-        last_marked_delete: i64,
-        control: Vec<i64>,
-        marked_deletes: usize,
-        unmarked_deletes_after_control: usize,
-    }
-    let mut partitions: HashMap<i32, Partition> = HashMap::new();
-    let mut seen = 0;
-    read_records_until(&topic, Duration::from_secs(300), |record| {
-        seen += 1;
-        let partition = partitions.entry(record.partition).or_default();
-        if record.is_control() {
-            assert_eq!(record.headers[CONTROL_HEADER], COPY_COMPLETED);
-            let value = record.value.as_ref().expect("a control value");
-            assert_eq!(value["partition"], record.partition);
-            assert_eq!(value["table"], name.as_str());
-            partition.control.push(record.offset);
-        } else if let Some(value) = &record.value {
-            match (record.op(), value["source"]["soft_delete"].as_bool()) {
-                (Some("r"), _) => partition.last_read = record.offset,
-                (Some("d"), Some(true)) => {
-                    partition.last_marked_delete = record.offset;
-                    partition.marked_deletes += 1;
-                }
-                (Some("d"), _) if !partition.control.is_empty() => {
-                    partition.unmarked_deletes_after_control += 1
-                }
-                _ => {}
-            }
-        }
-        seen >= total
-    })
-    .await;
-    let mut marked = 0;
-    for (number, partition) in &partitions {
-        let control = *partition
-            .control
-            .last()
-            .unwrap_or_else(|| panic!("partition {number} has no copy_completed record"));
-        assert!(
-            partition.last_read < control && partition.last_marked_delete < control,
-            "partition {number}: {partition:?}"
-        );
-        marked += partition.marked_deletes;
-    }
-    println!(
-        "{marked} marked deletes; {} unmarked after the copy",
-        partitions
-            .values()
-            .map(|p| p.unmarked_deletes_after_control)
-            .sum::<usize>()
-    );
-    assert!(marked > 0, "deletes during the copy were marked");
-    assert!(
-        partitions
-            .values()
-            .any(|p| p.unmarked_deletes_after_control > 0),
-        "deletes after the copy are plain deletes"
-    );
+    assert_marked_deletes_precede_the_control_records(&name).await;
     drop_slot(&name).await;
 }
 
@@ -320,4 +328,197 @@ async fn a_copy_completed_record_purges_only_its_partitions_soft_tombstones() {
     task.await
         .expect("no panic")
         .expect("the sink stopped cleanly");
+}
+
+/// The state of the backfill registered for `slot`, if any.
+async fn registration_state(client: &tokio_postgres::Client, slot: &str) -> Option<String> {
+    client
+        .query_opt(
+            "SELECT state FROM walsync.copy_registrations WHERE slot_name = $1",
+            &[&slot],
+        )
+        .await
+        .expect("read the registrations")
+        .map(|row| row.get(0))
+}
+
+/// The same guarantee for `walsync backfill`, a copy outside the source process: the source
+/// learns of it through walsync.copy_registrations before the backfill's snapshot exists.
+/// The stream starts with an empty index (no initial snapshot), so every row the backfill
+/// reads after its delete was applied would come back without a soft tombstone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deletes_during_a_backfill_never_bring_rows_back_and_no_tombstone_outlives_it() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("walsync=info")
+        .with_test_writer()
+        .try_init();
+    let name = name("backfill_tomb");
+    let table = format!("public.{name}");
+    let client = sql().await;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id int PRIMARY KEY, note text, pad text);
+             INSERT INTO {table} SELECT g, 'before', repeat('p', 200) FROM generate_series(1, {ROWS}) g;"
+        ))
+        .await
+        .expect("a table with rows");
+    let mut config = pipeline_config(&name, &[&table]);
+    config.elasticsearch.gc_deletes = "1s".into();
+    config.snapshot.mode = SnapshotMode::Never;
+    let pipeline = RunningPipeline::start(config.clone()).await;
+
+    // Search traffic refreshes the index; each refresh lets the engine forget the versions of
+    // deletes older than gc_deletes, which is when a late snapshot row could come back.
+    let search = search_client();
+    let alias = alias_of(&config, "public", &name);
+    let refresher = {
+        let (search, alias) = (search.clone(), alias.clone());
+        tokio::spawn(async move {
+            loop {
+                let _ = refresh(&search, &alias).await;
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    };
+    let backfill = tokio::spawn(walsync::backfill::run(
+        config.clone(),
+        BackfillOptions {
+            table: table.clone(),
+            filter: None,
+            into: None,
+            delete_old: false,
+            timeout: Duration::from_secs(300),
+        },
+    ));
+    wait_for(
+        "the source to register the backfill",
+        Duration::from_secs(60),
+        || async {
+            (registration_state(&client, &name).await.as_deref() == Some("registered"))
+                .then_some(())
+        },
+    )
+    .await;
+    let mut hi = ROWS;
+    let mut rounds_during_copy = 0;
+    while registration_state(&client, &name).await.as_deref() == Some("registered")
+        && rounds_during_copy < MAX_ROUNDS
+    {
+        workload_round(&client, &table, hi).await;
+        hi -= SLICE;
+        rounds_during_copy += 1;
+    }
+    println!("{rounds_during_copy} workload rounds ran during the backfill");
+    assert!(
+        rounds_during_copy >= 1,
+        "the backfill finished before any change: the test proves nothing"
+    );
+    let report = backfill
+        .await
+        .expect("no panic")
+        .expect("the backfill succeeds");
+    refresher.abort();
+    assert!(report.rows > 0, "{report:?}");
+    assert_eq!(
+        registration_state(&client, &name).await,
+        None,
+        "the backfill removed its registration"
+    );
+    // After the backfill: plain hard deletes again.
+    workload_round(&client, &table, 2 * SLICE).await;
+
+    wait_equal(&config, "public", &name, &["id"], Duration::from_secs(600)).await;
+    wait_for(
+        "every soft tombstone to be purged",
+        Duration::from_secs(120),
+        || {
+            let (search, alias) = (&search, &alias);
+            async move { (count(search, alias, soft_tombstones()).await == 0).then_some(()) }
+        },
+    )
+    .await;
+    wait_equal(&config, "public", &name, &["id"], Duration::from_secs(60)).await;
+    pipeline.stop().await;
+    assert_marked_deletes_precede_the_control_records(&name).await;
+    drop_slot(&name).await;
+}
+
+/// A backfill outlives a source restart and then dies: the restarted source counts its
+/// registration again before it streams (the deletes after the restart are still marked), and
+/// once the backfill's session is gone the source completes the registration for it: control
+/// records written, soft tombstones purged, the row removed.
+#[tokio::test]
+async fn a_source_restart_keeps_a_backfills_registration_and_a_dead_backfill_is_completed() {
+    let name = name("backfill_dies");
+    let table = format!("public.{name}");
+    let client = sql().await;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id int PRIMARY KEY, note text);
+             INSERT INTO {table} SELECT g, 'row' FROM generate_series(1, 10) g;"
+        ))
+        .await
+        .expect("a table with rows");
+    let config = pipeline_config(&name, &[&table]);
+    let pipeline = RunningPipeline::start(config.clone()).await;
+    wait_equal(&config, "public", &name, &["id"], Duration::from_secs(120)).await;
+
+    // The backfill's side of the handshake, on a session of its own.
+    let backfill_session = sql().await;
+    let topic = format!("{name}.public.{name}");
+    let _registration =
+        CopyRegistration::request(&backfill_session, &name, "public", &name, &topic)
+            .await
+            .expect("register a copy");
+    let registered = || async {
+        (registration_state(&client, &name).await.as_deref() == Some("registered")).then_some(())
+    };
+    wait_for(
+        "the source to register the copy",
+        Duration::from_secs(30),
+        registered,
+    )
+    .await;
+    pipeline.stop().await;
+    let pipeline = RunningPipeline::start(config.clone()).await;
+    client
+        .batch_execute(&format!("DELETE FROM {table} WHERE id <= 3"))
+        .await
+        .expect("delete three rows");
+    let search = search_client();
+    let alias = alias_of(&config, "public", &name);
+    wait_for(
+        "the deletes to be soft tombstones",
+        Duration::from_secs(60),
+        || {
+            let (search, alias) = (&search, &alias);
+            async move { (count(search, alias, soft_tombstones()).await == 3).then_some(()) }
+        },
+    )
+    .await;
+
+    drop(backfill_session);
+    wait_for(
+        "the source to complete the dead backfill's registration",
+        Duration::from_secs(30),
+        || async {
+            registration_state(&client, &name)
+                .await
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    wait_for(
+        "the soft tombstones to be purged",
+        Duration::from_secs(60),
+        || {
+            let (search, alias) = (&search, &alias);
+            async move { (count(search, alias, soft_tombstones()).await == 0).then_some(()) }
+        },
+    )
+    .await;
+    wait_equal(&config, "public", &name, &["id"], Duration::from_secs(60)).await;
+    pipeline.stop().await;
+    drop_slot(&name).await;
 }

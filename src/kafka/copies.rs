@@ -27,8 +27,11 @@
 //! exclusively to unregister the table, then sends the control records. So every marked delete
 //! is queued before the control records (and is purged by them), and every unmarked delete is
 //! queued after the copy's rows were acknowledged (the sink applies it after them).
+//!
+//! Copies in other processes (`walsync backfill`) register through
+//! `crate::postgres::copy_registry`; [`RegistryFollower`] calls the same two hooks for them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,7 +41,13 @@ use tokio::sync::{RwLock, RwLockReadGuard};
 use crate::kafka::control::CopyCompleted;
 use crate::kafka::frontier::TxAcks;
 use crate::kafka::producer::EventProducer;
+use crate::postgres::catalog::Catalog;
+use crate::postgres::copy_registry::{self, Registration, RegistrationState};
 use crate::postgres::lsn::Lsn;
+
+/// How often the source looks for copies other processes registered (a backfill waits this
+/// long at most, twice).
+const REGISTRY_POLL: Duration = Duration::from_millis(250);
 
 /// How often reading a topic's partitions from Kafka's metadata is tried before the copy fails.
 const METADATA_ATTEMPTS: u32 = 10;
@@ -172,6 +181,115 @@ impl CopiesInProgress {
             delay = (delay * 2).min(Duration::from_secs(10));
             attempt += 1;
         }
+    }
+}
+
+/// The source's side of `crate::postgres::copy_registry`: registers the tables that other
+/// processes copy, and completes their copies (or the copies of processes that died).
+pub struct RegistryFollower {
+    catalog: Catalog,
+    slot: String,
+    copies: Arc<CopiesInProgress>,
+    /// Registrations this process counted in `copies`.
+    counted: HashSet<i32>,
+}
+
+impl RegistryFollower {
+    pub fn new(catalog: Catalog, slot: String, copies: Arc<CopiesInProgress>) -> Self {
+        Self {
+            catalog,
+            slot,
+            copies,
+            counted: HashSet::new(),
+        }
+    }
+
+    /// One pass over the slot's registrations. The source runs one before it streams, so that
+    /// after a restart the copies still running are registered before any delete is read.
+    pub async fn sync(&mut self) -> anyhow::Result<()> {
+        let registrations = copy_registry::registrations(self.catalog.client(), &self.slot).await?;
+        for registration in registrations {
+            self.follow(&registration).await?;
+        }
+        Ok(())
+    }
+
+    /// Follows the registry until reading it fails.
+    pub async fn run(mut self) -> anyhow::Result<()> {
+        loop {
+            tokio::time::sleep(REGISTRY_POLL).await;
+            self.sync().await?;
+        }
+    }
+
+    async fn follow(&mut self, registration: &Registration) -> anyhow::Result<()> {
+        let id = registration.id;
+        let table = registration.qualified_name();
+        match registration.state {
+            RegistrationState::Requested => {
+                if self.owner_is_gone(id).await? {
+                    copy_registry::remove(self.catalog.client(), id).await?;
+                    return Ok(());
+                }
+                self.count(registration).await;
+                copy_registry::set_state(self.catalog.client(), id, RegistrationState::Registered)
+                    .await?;
+                tracing::info!(%table, registration = id, "a backfill registered: deletes of the table become soft tombstones until it completes");
+            }
+            RegistrationState::Registered => {
+                self.count(registration).await;
+                if self.owner_is_gone(id).await? {
+                    tracing::warn!(%table, registration = id, "a backfill stopped before it had copied every row; completing its registration (run it again to finish the copy)");
+                    self.complete(registration).await?;
+                    copy_registry::remove(self.catalog.client(), id).await?;
+                }
+            }
+            RegistrationState::Copied => {
+                self.count(registration).await;
+                self.complete(registration).await?;
+                if self.owner_is_gone(id).await? {
+                    copy_registry::remove(self.catalog.client(), id).await?;
+                } else {
+                    copy_registry::set_state(
+                        self.catalog.client(),
+                        id,
+                        RegistrationState::Completed,
+                    )
+                    .await?;
+                }
+            }
+            RegistrationState::Completed => {
+                if self.owner_is_gone(id).await? {
+                    copy_registry::remove(self.catalog.client(), id).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn owner_is_gone(&self, id: i32) -> anyhow::Result<bool> {
+        Ok(copy_registry::owner_is_gone(self.catalog.client(), id).await?)
+    }
+
+    /// Registers the copy in `copies`, once per registration.
+    async fn count(&mut self, registration: &Registration) {
+        if self.counted.insert(registration.id) {
+            self.copies
+                .copy_started(&registration.qualified_name())
+                .await;
+        }
+    }
+
+    async fn complete(&mut self, registration: &Registration) -> anyhow::Result<()> {
+        self.counted.remove(&registration.id);
+        self.copies
+            .copy_completed(
+                &registration.schema,
+                &registration.table,
+                Arc::from(registration.topic.as_str()),
+                registration.consistent_point.unwrap_or(Lsn::ZERO),
+            )
+            .await
     }
 }
 

@@ -8,8 +8,10 @@
 //! - `catalog`: the metadata connection (settings, privileges, tables, slots, publications).
 //! - `slot`: replication slot and publication management, preflight checks, migrations.
 //! - `snapshot`: the consistent initial copy and backfills, versioned at `cp − 1`.
+//! - `copy_registry`: how a backfill in another process tells the source it is copying.
 
 pub mod catalog;
+pub mod copy_registry;
 pub mod lsn;
 pub mod pgoutput;
 pub mod replication;

@@ -64,6 +64,8 @@ pub enum Command {
     /// table's topic at the version of a fresh snapshot, below every change streamed after it.
     /// A full backfill then removes documents of rows deleted while nobody was watching.
     /// With --into, builds a new index and swaps the table's alias to it (zero downtime).
+    /// Needs the source running: it registers with it first, so deletes during the copy
+    /// become soft tombstones.
     Backfill(BackfillArgs),
 }
 
