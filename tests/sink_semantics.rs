@@ -328,8 +328,17 @@ async fn untouched_toast_values_survive_updates_and_key_changes_through_the_sink
     drop_slot(&name).await;
 }
 
-/// A proxy to the search server that answers the first `throttled` bulk requests with 429.
-async fn throttling_proxy(throttled: usize) -> (String, Arc<AtomicUsize>) {
+/// What the proxy in front of the search server refuses.
+#[derive(Clone, Copy)]
+struct ProxyRules {
+    /// The first this-many bulk requests get a 429.
+    throttled_bulks: usize,
+    /// Requests with a larger body get a 413, like nginx's `client_max_body_size`.
+    max_body: usize,
+}
+
+/// A proxy to the search server that refuses what `rules` say, and counts the refusals.
+async fn refusing_proxy(rules: ProxyRules) -> (String, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = format!("http://{}", listener.local_addr().unwrap());
     let upstream = stack().es_url.trim_start_matches("http://").to_owned();
@@ -343,11 +352,29 @@ async fn throttling_proxy(throttled: usize) -> (String, Arc<AtomicUsize>) {
             let upstream = upstream.clone();
             let counter = Arc::clone(&counter);
             tokio::spawn(async move {
-                let _ = proxy_connection(client, &upstream, &counter, throttled).await;
+                let _ = proxy_connection(client, &upstream, &counter, rules).await;
             });
         }
     });
     (address, rejected)
+}
+
+/// Answers with `status`, a JSON error body and `Connection: close`.
+async fn refuse(
+    client: &mut tokio::net::TcpStream,
+    status: &str,
+    error_type: &str,
+) -> std::io::Result<()> {
+    let code = status.split(' ').next().unwrap_or("500");
+    let body = format!(
+        r#"{{"error":{{"type":"{error_type}","reason":"refused by the test proxy"}},"status":{code}}}"#
+    );
+    let response = format!(
+        "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    client.write_all(response.as_bytes()).await?;
+    client.shutdown().await
 }
 
 /// Serves one request per connection (answers with `Connection: close`).
@@ -355,7 +382,7 @@ async fn proxy_connection(
     mut client: tokio::net::TcpStream,
     upstream: &str,
     rejected: &AtomicUsize,
-    throttled: usize,
+    rules: ProxyRules,
 ) -> std::io::Result<()> {
     let mut request = Vec::new();
     let mut buffer = [0_u8; 65536];
@@ -382,14 +409,20 @@ async fn proxy_connection(
         }
         request.extend_from_slice(&buffer[..read]);
     }
-    if head.contains("/_bulk") && rejected.fetch_add(1, Ordering::SeqCst) < throttled {
-        let body = r#"{"error":{"type":"es_rejected_execution_exception","reason":"rejected"},"status":429}"#;
-        let response = format!(
-            "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        client.write_all(response.as_bytes()).await?;
-        return client.shutdown().await;
+    if length > rules.max_body {
+        rejected.fetch_add(1, Ordering::SeqCst);
+        return refuse(&mut client, "413 Request Entity Too Large", "too_large").await;
+    }
+    if head.contains("/_bulk")
+        && rules.throttled_bulks > 0
+        && rejected.fetch_add(1, Ordering::SeqCst) < rules.throttled_bulks
+    {
+        return refuse(
+            &mut client,
+            "429 Too Many Requests",
+            "es_rejected_execution_exception",
+        )
+        .await;
     }
     let head_text = String::from_utf8_lossy(&request[..header_end]).into_owned();
     let mut rewritten: Vec<String> = head_text
@@ -409,6 +442,59 @@ async fn proxy_connection(
     client.shutdown().await
 }
 
+/// A request body limit in front of the search server (a proxy's, or the server's own
+/// `http.max_content_length`): bulks over it are split until they pass, and a document too
+/// large alone is dead-lettered with the reason; every other document is indexed.
+#[tokio::test]
+async fn a_bulk_too_large_for_the_server_is_split_and_a_document_too_large_alone_is_dead_lettered()
+{
+    let (proxy, refused) = refusing_proxy(ProxyRules {
+        throttled_bulks: 0,
+        max_body: 64 * 1024,
+    })
+    .await;
+    let mut config = sink_config(&name("sink_413"));
+    config.elasticsearch.url = proxy;
+    let topic = create_topic(&config).await;
+    let note = "n".repeat(8 * 1024);
+    let mut events: Vec<Value> = (1..=40)
+        .map(|id| envelope("c", id, Some(&note), 100 + id as u64))
+        .collect();
+    events.push(envelope("c", 1000, Some(&"y".repeat(100 * 1024)), 200));
+    // Produced before the sink starts: its first batches are full, far over the limit.
+    produce(&topic, &events).await;
+    let sink = RunningSink::start(config.clone()).await;
+    sink.wait_processed(41).await;
+    assert_eq!(sink.stats.dead_lettered.load(Ordering::Relaxed), 1);
+    assert_eq!(sink.stats.indexed.load(Ordering::Relaxed), 40);
+    assert!(
+        refused.load(Ordering::SeqCst) >= 2,
+        "the proxy refused bulks"
+    );
+    sink.stop().await.expect("clean stop");
+    let dlq = format!("{}.dlq", config.kafka.topic_prefix);
+    let mut dead = None;
+    common::kafka::read_topic_until(&dlq, Duration::from_secs(30), |record| {
+        dead = Some((
+            record.key.clone(),
+            record.headers.get("walsync.dlq.reason").cloned(),
+        ));
+        true
+    })
+    .await;
+    let (key, reason) = dead.expect("a dead letter");
+    assert_eq!(key["id"], 1000);
+    let reason = reason.expect("the reason header");
+    assert!(reason.contains("too large"), "{reason}");
+    let mut direct = config.clone();
+    direct.elasticsearch.url = stack().es_url.clone();
+    assert_eq!(
+        stored(&alias(&direct), 40).await.expect("id 40")["note"],
+        note
+    );
+    assert!(stored(&alias(&direct), 1000).await.is_none());
+}
+
 #[tokio::test]
 async fn two_updates_in_one_transaction_end_as_the_second_even_when_bulks_are_throttled() {
     let name = name("sink_429");
@@ -420,7 +506,11 @@ async fn two_updates_in_one_transaction_end_as_the_second_even_when_bulks_are_th
         ))
         .await
         .expect("create table");
-    let (proxy, rejected) = throttling_proxy(3).await;
+    let (proxy, rejected) = refusing_proxy(ProxyRules {
+        throttled_bulks: 3,
+        max_body: usize::MAX,
+    })
+    .await;
     let mut config = pipeline_config(&name, &[&table]);
     config.elasticsearch.url = proxy;
     config.sink.batch_max_docs = 1;

@@ -52,7 +52,7 @@
 //!
 //! | HTTP status of `_bulk` | failure | what to do |
 //! |---|---|---|
-//! | 413 | `TooLarge` | retry smaller (split the batch); lower `sink.batch_max_bytes` |
+//! | 413 | `TooLarge` | split the batch in halves, down to one document; one document alone is dead-lettered |
 //! | 408, 429, 5xx, other unknown statuses | `Retry` | back off and send the same batch again |
 //! | 403 `cluster_block_exception` | `Retry` | a cluster-wide write block; the operator lifts it |
 //! | 401 | `Fatal` | check `elasticsearch.username`/`password` or `api_key` |
