@@ -682,3 +682,67 @@ async fn a_stop_during_a_search_outage_exits_and_the_batch_is_applied_after_rest
     wait_equal(&config, "public", &name, &["id"], Duration::from_secs(180)).await;
     finish(walsync, &name).await;
 }
+
+/// A truncate that reaches the sink while the search server is down: recording its mark and
+/// its delete_by_query are retried like a bulk (the partition waits) instead of stopping the
+/// sink, and once the server is back the index holds exactly the rows inserted after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncate_during_a_search_outage_is_applied_once_the_server_is_back() {
+    let name = name("fsink_trunc");
+    let table = format!("public.{name}");
+    create_table(&table).await;
+    let _slot = SlotCleanup(name.clone());
+    let mut walsync = Walsync::spawn("run", &name, &pipeline_config(&name, &[&table]));
+    wait_streaming(&name).await;
+    let config = common::pipeline::pipeline_config(&name, &[&table]);
+    let client = sql().await;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {table} SELECT g, g, 'before', '' FROM generate_series(1, 100) g"
+        ))
+        .await
+        .expect("insert rows");
+    common::pipeline::wait_equal(&config, "public", &name, &["id"], Duration::from_secs(60)).await;
+
+    let stopped = tokio::task::spawn_blocking(SearchStopped::new)
+        .await
+        .expect("stop the search server");
+    // The truncate alone: rows inserted in the outage would hold the sink in bulk retries, and
+    // a truncate waits for the writes in flight before it.
+    client
+        .batch_execute(&format!("TRUNCATE {table}"))
+        .await
+        .expect("truncate");
+    wait_for(
+        "the sink to retry the truncate",
+        Duration::from_secs(120),
+        || async {
+            walsync
+                .log_text()
+                .contains("recording a truncate mark failed; retrying")
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        walsync.child.try_wait().expect("wait on walsync").is_none(),
+        "walsync keeps running through the outage:\n{}",
+        log_tail(&walsync)
+    );
+    tokio::task::spawn_blocking(move || drop(stopped))
+        .await
+        .expect("start the search server");
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {table} SELECT g, g, 'after', '' FROM generate_series(1001, 1005) g"
+        ))
+        .await
+        .expect("insert after the truncate");
+    common::pipeline::wait_equal(&config, "public", &name, &["id"], Duration::from_secs(180)).await;
+    assert!(
+        walsync.log_text().contains("applied a truncate"),
+        "{}",
+        log_tail(&walsync)
+    );
+    finish(walsync, &name).await;
+}

@@ -896,10 +896,8 @@ impl Sink {
     async fn truncate(&self, envelope: &Envelope, target: &TableTarget) -> anyhow::Result<()> {
         let _exclusive = self.truncate_gate.write().await;
         let mark = TruncateMark::of(envelope);
-        write_truncate_mark(&self.client, &target.alias, mark).await?;
+        self.record_truncate_mark(&target.alias, mark).await?;
         self.raise_truncate_mark(&target.alias, mark);
-        // delete_by_query sees only refreshed documents: make every earlier write visible.
-        index::refresh(&self.client, &target.alias).await?;
         // Earlier transactions, and earlier changes of the truncating transaction itself.
         let query = serde_json::json!({"query": {"bool": {"should": [
             {"range": {"walsync.commit_lsn": {"lt": mark.commit_lsn}}},
@@ -908,20 +906,28 @@ impl Sink {
                 {"range": {"walsync.lsn": {"lt": mark.lsn}}}
             ]}}
         ], "minimum_should_match": 1}}});
-        let response = self
-            .delete_by_query(&target.alias, &query)
-            .await
-            .context("delete_by_query for a truncate")?;
-        let status = response.status_code();
-        if !status.is_success() {
-            let body = response.text().await.unwrap_or_default();
-            bail!(
-                "truncate of {}: delete_by_query answered {status}: {body}",
-                target.alias
-            );
-        }
-        tracing::info!(alias = %target.alias, commit_lsn = mark.commit_lsn, lsn = mark.lsn, "applied a truncate");
+        let deleted = self
+            .delete_by_query_until_done(&target.alias, &query, "applying a truncate")
+            .await?;
+        tracing::info!(alias = %target.alias, commit_lsn = mark.commit_lsn, lsn = mark.lsn, ?deleted, "applied a truncate");
         Ok(())
+    }
+
+    /// Records a truncate mark in the index's `_meta`, retrying transient failures without
+    /// end (like a bulk: the partition waits, nothing is skipped).
+    async fn record_truncate_mark(&self, alias: &str, mark: TruncateMark) -> anyhow::Result<()> {
+        let mut backoff = Backoff::new();
+        loop {
+            match write_truncate_mark(&self.client, alias, mark).await {
+                Ok(()) => return Ok(()),
+                Err(error) if index_error_is_transient(&error) => {
+                    tracing::warn!(%alias, error = %format!("{error:#}"), "recording a truncate mark failed; retrying");
+                }
+                Err(error) => return Err(error),
+            }
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            backoff.wait().await;
+        }
     }
 
     /// A table's copy is complete: every row of it, and every delete marked during it, came
@@ -961,50 +967,64 @@ impl Sink {
     /// query runs. No version bound is needed: this partition's later events are not applied
     /// yet, so every soft tombstone it has written so far is one the copy no longer needs.
     async fn purge_copy_tombstones(&self, alias: &str, partition: i32) -> anyhow::Result<()> {
+        let what = format!("purging the soft tombstones of partition {partition}");
+        if let Some(deleted) = self
+            .delete_by_query_until_done(alias, &purge_query(partition), &what)
+            .await?
+        {
+            self.stats.deleted.fetch_add(deleted, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
+    /// Deletes what `query` matches in `alias` (after a refresh, so that every earlier write is
+    /// seen), retrying transient failures and partial failures without end. `None`: the index
+    /// is missing, so nothing matched.
+    async fn delete_by_query_until_done(
+        &self,
+        alias: &str,
+        query: &Value,
+        what: &str,
+    ) -> anyhow::Result<Option<u64>> {
         let mut backoff = Backoff::new();
         loop {
-            match self.try_purge_copy_tombstones(alias, partition).await {
-                Ok(PurgeOutcome::Done { deleted }) => {
-                    self.stats.deleted.fetch_add(deleted, Ordering::Relaxed);
-                    return Ok(());
+            match self.try_delete_by_query(alias, query, what).await? {
+                DeleteByQuery::Done { deleted } => return Ok(Some(deleted)),
+                DeleteByQuery::IndexMissing => {
+                    tracing::warn!(%alias, "{what}: the index is missing, nothing to delete");
+                    return Ok(None);
                 }
-                Ok(PurgeOutcome::IndexMissing) => {
-                    tracing::warn!(%alias, "the index is missing: no soft tombstones to purge");
-                    return Ok(());
+                DeleteByQuery::Retry(reason) => {
+                    tracing::warn!(%alias, %reason, "{what} failed; retrying");
                 }
-                Ok(PurgeOutcome::Retry(reason)) => {
-                    tracing::warn!(%alias, partition, %reason, "purging soft tombstones failed; retrying");
-                }
-                Err(error) => return Err(error),
             }
             self.stats.retries.fetch_add(1, Ordering::Relaxed);
             backoff.wait().await;
         }
     }
 
-    async fn try_purge_copy_tombstones(
+    async fn try_delete_by_query(
         &self,
         alias: &str,
-        partition: i32,
-    ) -> anyhow::Result<PurgeOutcome> {
+        query: &Value,
+        what: &str,
+    ) -> anyhow::Result<DeleteByQuery> {
         // delete_by_query sees only refreshed documents: make every earlier write visible.
         if let Err(error) = index::refresh(&self.client, alias).await {
             return Ok(match error {
-                index::IndexError::Refused { status: 404, .. } => PurgeOutcome::IndexMissing,
+                index::IndexError::Refused { status: 404, .. } => DeleteByQuery::IndexMissing,
                 error => {
                     let error = anyhow::Error::from(error);
                     if !index_error_is_transient(&error) {
-                        return Err(error.context(format!(
-                            "refreshing {alias} before purging its soft tombstones"
-                        )));
+                        return Err(error.context(format!("refreshing {alias} before {what}")));
                     }
-                    PurgeOutcome::Retry(format!("{error:#}"))
+                    DeleteByQuery::Retry(format!("{error:#}"))
                 }
             });
         }
-        let response = match self.delete_by_query(alias, &purge_query(partition)).await {
+        let response = match self.delete_by_query(alias, query).await {
             Ok(response) => response,
-            Err(error) => return Ok(PurgeOutcome::Retry(format!("transport: {error}"))),
+            Err(error) => return Ok(DeleteByQuery::Retry(format!("transport: {error}"))),
         };
         let status = response.status_code().as_u16();
         if response.status_code().is_success() {
@@ -1018,21 +1038,19 @@ impl Sink {
                 .filter(|failures| !failures.is_empty())
             {
                 self.stats.deleted.fetch_add(deleted, Ordering::Relaxed);
-                return Ok(PurgeOutcome::Retry(format!(
+                return Ok(DeleteByQuery::Retry(format!(
                     "{} deletes failed, first: {}",
                     failures.len(),
                     failures[0]
                 )));
             }
-            return Ok(PurgeOutcome::Done { deleted });
+            return Ok(DeleteByQuery::Done { deleted });
         }
         let body = response.text().await.unwrap_or_default();
         match status {
-            404 => Ok(PurgeOutcome::IndexMissing),
-            408 | 429 | 500.. => Ok(PurgeOutcome::Retry(format!("HTTP {status}: {body}"))),
-            _ => bail!(
-                "purging the soft tombstones of {alias} (partition {partition}): delete_by_query answered {status}: {body}"
-            ),
+            404 => Ok(DeleteByQuery::IndexMissing),
+            408 | 429 | 500.. => Ok(DeleteByQuery::Retry(format!("HTTP {status}: {body}"))),
+            _ => bail!("{what} in {alias}: delete_by_query answered {status}: {body}"),
         }
     }
 
@@ -1279,8 +1297,8 @@ fn record_kind(message: &OwnedMessage) -> RecordKind {
     RecordKind::from_control_header(header)
 }
 
-/// How one attempt to purge soft tombstones went.
-enum PurgeOutcome {
+/// How one `delete_by_query` attempt (a truncate, a purge of soft tombstones) went.
+enum DeleteByQuery {
     Done { deleted: u64 },
     IndexMissing,
     Retry(String),
@@ -1385,14 +1403,18 @@ async fn read_mapping(client: &Elasticsearch, alias: &str) -> anyhow::Result<Val
             Option::<&[u8]>::None,
             Some(Duration::from_secs(30)),
         )
-        .await?;
+        .await
+        .map_err(|source| index::transport_error("read the mapping of", alias, source))?;
     // An error answer is JSON too: never read it as a mapping without a truncate mark.
-    let status = response.status_code();
-    if !status.is_success() {
-        let body = response.text().await.unwrap_or_default();
-        bail!("reading the mapping of {alias}: HTTP {status}: {body}");
+    if !response.status_code().is_success() {
+        return Err(index::refused(response, "read the mapping of", alias)
+            .await
+            .into());
     }
-    Ok(response.json().await?)
+    response
+        .json()
+        .await
+        .map_err(|source| index::transport_error("read the mapping of", alias, source).into())
 }
 
 /// Whether a failure to check or create an index may pass by itself: the server unreachable,
@@ -1479,10 +1501,14 @@ async fn write_truncate_mark(
             Some(body),
             Some(Duration::from_secs(30)),
         )
-        .await?;
+        .await
+        .map_err(|source| index::transport_error("record the truncate mark on", alias, source))?;
     if !response.status_code().is_success() {
-        let body = response.text().await.unwrap_or_default();
-        bail!("cannot record the truncate mark on {alias}: {body}");
+        return Err(
+            index::refused(response, "record the truncate mark on", alias)
+                .await
+                .into(),
+        );
     }
     Ok(())
 }
