@@ -381,6 +381,41 @@ async fn a_missing_table_stops_the_binary_with_the_fix_and_changes_nothing() {
     assert_unchanged(&admin, &name, &before).await;
 }
 
+/// A replica identity index that does not hold the key: a deleted row would arrive without it.
+#[tokio::test]
+async fn a_key_outside_the_replica_identity_index_is_refused_with_the_fix() {
+    let name = name("pre_identidx");
+    let table = format!("public.{name}");
+    let client = sql().await;
+    let admin = admin_client().await;
+    create_table(
+        &client,
+        &table,
+        "id int PRIMARY KEY, sku text NOT NULL, note text",
+    )
+    .await;
+    client
+        .batch_execute(&format!(
+            "CREATE UNIQUE INDEX {name}_sku ON {table} (sku);
+             ALTER TABLE {table} REPLICA IDENTITY USING INDEX {name}_sku"
+        ))
+        .await
+        .expect("replica identity using an index on sku");
+    let config = config_for(&name, &[&table]);
+    let _looking = MIGRATIONS.read().await;
+    let before = footprint(&admin, &name).await;
+    let message = refusal(config).await;
+    assert_one_problem(
+        &message,
+        &[
+            &format!("a deleted row of {table} would not carry its key column(s) id"),
+            "its replica identity index (sku)",
+            &format!("ALTER TABLE {table} REPLICA IDENTITY FULL"),
+        ],
+    );
+    assert_unchanged(&admin, &name, &before).await;
+}
+
 // --- 3. a table without a primary key ------------------------------------------------------------
 
 #[tokio::test]

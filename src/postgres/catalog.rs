@@ -28,6 +28,10 @@ pub struct TableInfo {
     pub primary_key: Vec<String>,
     /// `d` default, `n` nothing, `f` full, `i` index.
     pub replica_identity: char,
+    /// Every column, in table order.
+    pub columns: Vec<String>,
+    /// With replica identity `i`: the columns of the replica identity index.
+    pub identity_index: Vec<String>,
 }
 
 /// A replication slot as `pg_replication_slots` shows it.
@@ -222,6 +226,17 @@ impl Catalog {
                           CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, position)
                           JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
                           WHERE i.indrelid = c.oid AND i.indisprimary
+                          ORDER BY k.position), '{}'),
+                        coalesce(array(
+                          SELECT a.attname::text FROM pg_attribute a
+                          WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                          ORDER BY a.attnum), '{}'),
+                        coalesce(array(
+                          SELECT a.attname::text
+                          FROM pg_index i
+                          CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, position)
+                          JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
+                          WHERE i.indrelid = c.oid AND i.indisreplident
                           ORDER BY k.position), '{}')
                  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                  WHERE n.nspname = $1 AND c.relname = $2",
@@ -235,6 +250,8 @@ impl Catalog {
             kind: first_char(row.get(1)),
             replica_identity: first_char(row.get(2)),
             primary_key: row.get(3),
+            columns: row.get(4),
+            identity_index: row.get(5),
         }))
     }
 

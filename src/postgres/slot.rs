@@ -189,7 +189,63 @@ pub fn check_table(
         });
         return None;
     }
+    if !key_columns_are_usable(&info, &key_columns, problems) {
+        return None;
+    }
     Some(CapturedTable { info, key_columns })
+}
+
+/// The key columns exist, and a deleted row's old tuple carries them: PostgreSQL sends only
+/// the replica identity's columns for it (all of them with FULL).
+fn key_columns_are_usable(
+    info: &TableInfo,
+    key_columns: &[String],
+    problems: &mut Vec<Problem>,
+) -> bool {
+    let qualified = format!("{}.{}", info.schema, info.name);
+    let unknown: Vec<&str> = key_columns
+        .iter()
+        .filter(|column| !info.columns.contains(column))
+        .map(String::as_str)
+        .collect();
+    if !unknown.is_empty() {
+        problems.push(Problem {
+            what: format!(
+                "tables.\"{qualified}\".key_columns names {} that {qualified} does not have",
+                unknown.join(", ")
+            ),
+            fix: format!("name columns of the table: {}", info.columns.join(", ")),
+        });
+        return false;
+    }
+    let (identity, described) = match info.replica_identity {
+        'f' => return true,
+        'i' => (&info.identity_index, "its replica identity index"),
+        _ => (
+            &info.primary_key,
+            "its primary key (replica identity DEFAULT)",
+        ),
+    };
+    let outside: Vec<&str> = key_columns
+        .iter()
+        .filter(|column| !identity.contains(column))
+        .map(String::as_str)
+        .collect();
+    if outside.is_empty() {
+        return true;
+    }
+    problems.push(Problem {
+        what: format!(
+            "a deleted row of {qualified} would not carry its key column(s) {}: PostgreSQL sends only {described} ({}) for it",
+            outside.join(", "),
+            identity.join(", ")
+        ),
+        fix: format!(
+            "ALTER TABLE {qualified} REPLICA IDENTITY FULL, or choose key_columns among {}",
+            identity.join(", ")
+        ),
+    });
+    false
 }
 
 pub async fn check_slot(
@@ -495,7 +551,42 @@ mod tests {
             kind,
             primary_key: primary_key.iter().map(|c| c.to_string()).collect(),
             replica_identity: identity,
+            columns: ["id", "shop", "sku", "note"].map(String::from).to_vec(),
+            identity_index: Vec::new(),
         }
+    }
+
+    #[test]
+    fn key_columns_the_table_does_not_have_are_refused() {
+        let mut problems = Vec::new();
+        assert!(check_table(info('r', 'f', &[]), vec!["ident".into()], &mut problems).is_none());
+        assert!(problems[0].what.contains("ident"), "{}", problems[0]);
+        assert!(
+            problems[0].fix.contains("id, shop, sku, note"),
+            "{}",
+            problems[0]
+        );
+    }
+
+    #[test]
+    fn key_columns_outside_the_replica_identity_are_refused() {
+        // Default identity: deletes carry the primary key only.
+        let mut problems = Vec::new();
+        assert!(check_table(info('r', 'd', &["id"]), vec!["sku".into()], &mut problems).is_none());
+        assert!(problems[0].what.contains("sku"), "{}", problems[0]);
+        assert!(
+            problems[0].fix.contains("REPLICA IDENTITY FULL"),
+            "{}",
+            problems[0]
+        );
+        // Identity index: deletes carry the index's columns.
+        let mut by_index = info('r', 'i', &[]);
+        by_index.identity_index = vec!["shop".into(), "sku".into()];
+        let mut problems = Vec::new();
+        assert!(check_table(by_index.clone(), vec!["id".into()], &mut problems).is_none());
+        let mut problems = Vec::new();
+        let captured = check_table(by_index, vec!["sku".into(), "shop".into()], &mut problems);
+        assert_eq!(captured.unwrap().key_columns, ["sku", "shop"]);
     }
 
     #[test]
