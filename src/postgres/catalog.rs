@@ -34,6 +34,20 @@ pub struct TableInfo {
     pub identity_index: Vec<String>,
 }
 
+/// The column names, in index order, of table `c`'s index with the boolean `flag` set in
+/// `pg_index` (`indisprimary`, `indisreplident`); an empty array when it has none.
+fn index_columns_sql(flag: &str) -> String {
+    format!(
+        "coalesce(array(
+           SELECT a.attname::text
+           FROM pg_index i
+           CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, position)
+           JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
+           WHERE i.indrelid = c.oid AND i.{flag}
+           ORDER BY k.position), '{{}}')"
+    )
+}
+
 /// A replication slot as `pg_replication_slots` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotInfo {
@@ -219,27 +233,19 @@ impl Catalog {
         let row = self
             .client
             .query_opt(
-                "SELECT c.oid, c.relkind::text, c.relreplident::text,
-                        coalesce(array(
-                          SELECT a.attname::text
-                          FROM pg_index i
-                          CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, position)
-                          JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
-                          WHERE i.indrelid = c.oid AND i.indisprimary
-                          ORDER BY k.position), '{}'),
-                        coalesce(array(
-                          SELECT a.attname::text FROM pg_attribute a
-                          WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
-                          ORDER BY a.attnum), '{}'),
-                        coalesce(array(
-                          SELECT a.attname::text
-                          FROM pg_index i
-                          CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, position)
-                          JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum = k.attnum
-                          WHERE i.indrelid = c.oid AND i.indisreplident
-                          ORDER BY k.position), '{}')
-                 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                 WHERE n.nspname = $1 AND c.relname = $2",
+                &format!(
+                    "SELECT c.oid, c.relkind::text, c.relreplident::text,
+                            {primary_key},
+                            coalesce(array(
+                              SELECT a.attname::text FROM pg_attribute a
+                              WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                              ORDER BY a.attnum), '{{}}'),
+                            {identity_index}
+                     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE n.nspname = $1 AND c.relname = $2",
+                    primary_key = index_columns_sql("indisprimary"),
+                    identity_index = index_columns_sql("indisreplident"),
+                ),
                 &[&schema, &name],
             )
             .await?;
