@@ -456,8 +456,6 @@ async fn current_wal_position(catalog: &Catalog) -> anyhow::Result<Lsn> {
         .map_err(|_| anyhow::anyhow!("PostgreSQL returned an unreadable WAL position {text:?}"))
 }
 
-/// Waits until the pipeline's slot confirmed `position`: every change committed before it is in
-/// Kafka (the source confirms only what Kafka acknowledged).
 /// Tells the source streaming `slot` that `schema.table` is being copied, and waits until it
 /// marks the table's deletes for soft tombstones: a delete of a row the copy reads later
 /// must not let that row come back (design invariant 5, `crate::postgres::copy_registry`).
@@ -471,25 +469,40 @@ async fn register_with_source(
 ) -> anyhow::Result<CopyRegistration> {
     let client = catalog.client();
     let registration = CopyRegistration::request(client, slot, schema, table, topic).await?;
-    let deadline = Instant::now() + REGISTRATION_WAIT;
+    let state = wait_while(
+        catalog,
+        &registration,
+        RegistrationState::Requested,
+        Instant::now() + REGISTRATION_WAIT,
+    )
+    .await?;
+    if state == Some(RegistrationState::Requested) || state.is_none() {
+        registration.remove(client).await?;
+        bail!(
+            "no walsync source streaming slot {slot} took the backfill's registration within {} s: \
+             start `walsync run` (or `walsync source`) with this configuration, then run the backfill again \
+             (the source must mark deletes during the copy, or rows deleted meanwhile could come back)",
+            REGISTRATION_WAIT.as_secs()
+        );
+    }
+    println!(
+        "registered with the source: deletes of {schema}.{table} become soft tombstones until the copy is complete"
+    );
+    Ok(registration)
+}
+
+/// Polls the registration while it is in `state` and `deadline` is ahead; returns the state
+/// it was last seen in (`None`: its row is gone).
+async fn wait_while(
+    catalog: &Catalog,
+    registration: &CopyRegistration,
+    state: RegistrationState,
+    deadline: Instant,
+) -> anyhow::Result<Option<RegistrationState>> {
     loop {
-        match registration.state(client).await? {
-            Some(RegistrationState::Requested) if Instant::now() < deadline => {}
-            Some(RegistrationState::Requested) | None => {
-                registration.remove(client).await?;
-                bail!(
-                    "no walsync source streaming slot {slot} took the backfill's registration within {} s: \
-                     start `walsync run` (or `walsync source`) with this configuration, then run the backfill again \
-                     (the source must mark deletes during the copy, or rows deleted meanwhile could come back)",
-                    REGISTRATION_WAIT.as_secs()
-                );
-            }
-            Some(_) => {
-                println!(
-                    "registered with the source: deletes of {schema}.{table} become soft tombstones until the copy is complete"
-                );
-                return Ok(registration);
-            }
+        let seen = registration.state(catalog.client()).await?;
+        if seen != Some(state) || Instant::now() >= deadline {
+            return Ok(seen);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
@@ -506,20 +519,17 @@ async fn complete_registration(
 ) -> anyhow::Result<()> {
     let client = catalog.client();
     registration.mark_copied(client, consistent_point).await?;
-    loop {
-        match registration.state(client).await? {
-            Some(RegistrationState::Completed) => break,
-            None => bail!(
-                "the backfill's registration {} disappeared before the source completed it; run the backfill again",
-                registration.id()
-            ),
-            Some(state) if Instant::now() >= deadline => bail!(
-                "the source has not completed the backfill's registration in time (still {}): is `walsync run` \
-                 (or `walsync source`) running? The rows were produced; rerun the backfill or raise --timeout",
-                state.as_str()
-            ),
-            Some(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
+    match wait_while(catalog, &registration, RegistrationState::Copied, deadline).await? {
+        Some(RegistrationState::Completed) => {}
+        None => bail!(
+            "the backfill's registration {} disappeared before the source completed it; run the backfill again",
+            registration.id()
+        ),
+        Some(state) => bail!(
+            "the source has not completed the backfill's registration in time (still {}): is `walsync run` \
+             (or `walsync source`) running? The rows were produced; rerun the backfill or raise --timeout",
+            state.as_str()
+        ),
     }
     registration.remove(client).await?;
     println!(
@@ -528,6 +538,8 @@ async fn complete_registration(
     Ok(())
 }
 
+/// Waits until the pipeline's slot confirmed `position`: every change committed before it is in
+/// Kafka (the source confirms only what Kafka acknowledged).
 async fn wait_source_confirmed(
     catalog: &Catalog,
     slot_name: &str,

@@ -274,25 +274,10 @@ async fn stream_once(
     let copy_abort = copy_task
         .as_ref()
         .map(tokio::task::JoinHandle::abort_handle);
-    let copy_failure = async move {
-        match copy_task {
-            Some(task) => match task.await {
-                Ok(Ok(())) => std::future::pending().await,
-                Ok(Err(error)) => error.context("the initial snapshot failed"),
-                Err(error) => anyhow::anyhow!("the initial snapshot task failed: {error}"),
-            },
-            None => std::future::pending().await,
-        }
-    };
+    let copy_failure = failure_of(copy_task, "the initial snapshot");
     let registry_task = tokio::spawn(registry.run());
     let registry_abort = registry_task.abort_handle();
-    let registry_failure = async move {
-        match registry_task.await {
-            Ok(Ok(())) => std::future::pending().await,
-            Ok(Err(error)) => error.context("following the registered backfills failed"),
-            Err(error) => anyhow::anyhow!("the registered-backfills task failed: {error}"),
-        }
-    };
+    let registry_failure = failure_of(Some(registry_task), "following the registered backfills");
     let mut reader = Reader {
         stream,
         writer,
@@ -340,6 +325,22 @@ async fn stream_once(
             SourceExit::Undrained
         }
     })
+}
+
+/// Resolves with the error of a task that runs beside the stream (`what` says which); never
+/// resolves while it runs, when it succeeded, or when there is no task.
+async fn failure_of(
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    what: &str,
+) -> anyhow::Error {
+    match task {
+        Some(task) => match task.await {
+            Ok(Ok(())) => std::future::pending().await,
+            Ok(Err(error)) => error.context(format!("{what} failed")),
+            Err(error) => anyhow::anyhow!("the task of {what} failed: {error}"),
+        },
+        None => std::future::pending().await,
+    }
 }
 
 /// Whether reconnecting can help: the replication connection dropped or the server is

@@ -482,8 +482,7 @@ impl Sink {
                 Err(error) if index_error_is_transient(&error) => error,
                 Err(error) => return Err(error),
             };
-            self.stats.retries.fetch_add(1, Ordering::Relaxed);
-            ::metrics::counter!(metrics::SINK_RETRIES).increment(1);
+            self.note_retry();
             tracing::warn!(%alias, error = %format!("{error:#}"), "cannot check the index yet; retrying");
             backoff.wait().await;
         }
@@ -602,128 +601,151 @@ impl Sink {
     /// in order, before anything later of this partition. A request the server (or a proxy)
     /// finds too large (413) is split in halves, sent one after the other; one document alone
     /// too large can never be accepted and is dead-lettered.
-    fn send<'s>(
+    async fn send(
+        &self,
+        mut actions: Vec<BulkAction>,
+        sources: &[usize],
+        pending: &[Pending<'_>],
+    ) -> anyhow::Result<()> {
+        let mut origins: Vec<usize> = sources.to_vec();
+        let mut backoff = Backoff::new();
+        while !actions.is_empty() {
+            let request = BulkRequest::build(&actions);
+            let outcomes = match self.post_bulk(&request).await {
+                Ok(outcomes) => outcomes,
+                Err(BulkFailure::Fatal { reason }) => {
+                    bail!("the search server refused the bulk request: {reason}")
+                }
+                Err(BulkFailure::TooLarge { reason }) if request.items.len() > 1 => {
+                    tracing::warn!(%reason, items = request.items.len(), bytes = request.body.len(), "bulk request too large; sending it in two halves");
+                    return self.send_in_halves(actions, origins, pending).await;
+                }
+                Err(BulkFailure::TooLarge { reason }) => {
+                    // Every action is the same document, collapsed into one item.
+                    return self.dead_letter_too_large(&reason, &origins, pending).await;
+                }
+                Err(failure) => {
+                    self.note_retry();
+                    tracing::warn!(%failure, "bulk request failed; retrying");
+                    backoff.wait().await;
+                    continue;
+                }
+            };
+            let mut retry_positions = Vec::new();
+            let mut dead = Vec::new();
+            let mut missing_index = false;
+            let (mut applied, mut stale) = (0_u64, 0_u64);
+            let now_ms = unix_millis();
+            for (item, outcome) in request.items.iter().zip(outcomes) {
+                // Collapsed events share their item's outcome: count each of them.
+                let events = item.positions().len() as u64;
+                let sources = || item.positions().into_iter().map(|p| &pending[origins[p]]);
+                match &outcome {
+                    ItemOutcome::Done | ItemOutcome::AlreadyDeleted => sources().for_each(|p| {
+                        let op = p.envelope.op.code();
+                        p.target
+                            .metrics
+                            .written(op, p.envelope.source.ts_ms, now_ms)
+                    }),
+                    ItemOutcome::Stale => {
+                        sources().for_each(|p| p.target.metrics.conflicts.increment(1))
+                    }
+                    _ => {}
+                }
+                match outcome {
+                    ItemOutcome::Done => {
+                        let counter = if item.operation == crate::sink::bulk::BulkOperation::Delete
+                        {
+                            &self.stats.deleted
+                        } else {
+                            &self.stats.indexed
+                        };
+                        counter.fetch_add(events, Ordering::Relaxed);
+                        applied += events;
+                    }
+                    ItemOutcome::Stale => {
+                        self.stats.stale.fetch_add(events, Ordering::Relaxed);
+                        stale += events;
+                    }
+                    ItemOutcome::AlreadyDeleted => {
+                        self.stats.deleted.fetch_add(events, Ordering::Relaxed);
+                    }
+                    ItemOutcome::Retry { cause, reason } => {
+                        missing_index |= cause == RetryCause::IndexMissing;
+                        tracing::debug!(cause = cause.label(), %reason, "bulk item will be retried");
+                        retry_positions.extend(item.positions());
+                    }
+                    ItemOutcome::DeadLetter { reason } => dead.push((item.positions(), reason)),
+                }
+            }
+            self.watch_conflicts(stale, applied + stale);
+            if !dead.is_empty() {
+                self.trip_breaker_if_bursting(dead.len(), &dead[0].1)?;
+                for (positions, reason) in &dead {
+                    for position in positions {
+                        self.dead_letter(pending[origins[*position]].message, reason)
+                            .await?;
+                    }
+                }
+            }
+            if retry_positions.is_empty() {
+                break;
+            }
+            retry_positions.sort_unstable();
+            if missing_index {
+                self.recreate_missing_indices(&retry_positions, &origins, pending)
+                    .await;
+            }
+            self.note_retry();
+            let kept_actions = retry_positions
+                .iter()
+                .map(|p| actions[*p].clone())
+                .collect();
+            origins = retry_positions.iter().map(|p| origins[*p]).collect();
+            actions = kept_actions;
+            backoff.wait().await;
+        }
+        Ok(())
+    }
+
+    /// Sends the first half of `actions`, then the second: a request refused as too large,
+    /// in the same order. Boxed: `send` and this call each other.
+    fn send_in_halves<'s>(
         &'s self,
         mut actions: Vec<BulkAction>,
-        sources: &'s [usize],
+        mut origins: Vec<usize>,
         pending: &'s [Pending<'_>],
     ) -> futures_util::future::BoxFuture<'s, anyhow::Result<()>> {
         Box::pin(async move {
-            let mut origins: Vec<usize> = sources.to_vec();
-            let mut backoff = Backoff::new();
-            while !actions.is_empty() {
-                let request = BulkRequest::build(&actions);
-                let outcomes = match self.post_bulk(&request).await {
-                    Ok(outcomes) => outcomes,
-                    Err(BulkFailure::Fatal { reason }) => {
-                        bail!("the search server refused the bulk request: {reason}")
-                    }
-                    Err(BulkFailure::TooLarge { reason }) if request.items.len() > 1 => {
-                        tracing::warn!(%reason, items = request.items.len(), bytes = request.body.len(), "bulk request too large; sending it in two halves");
-                        let half = actions.len() / 2;
-                        let later_actions = actions.split_off(half);
-                        let later_origins = origins.split_off(half);
-                        self.send(actions, &origins, pending).await?;
-                        return self.send(later_actions, &later_origins, pending).await;
-                    }
-                    Err(BulkFailure::TooLarge { reason }) => {
-                        let reason = format!(
-                            "the document alone is too large for the search server ({reason}); raise its http.max_content_length (and any proxy's body limit)"
-                        );
-                        self.trip_breaker_if_bursting(1, &reason)?;
-                        for position in 0..actions.len() {
-                            self.dead_letter(pending[origins[position]].message, &reason)
-                                .await?;
-                        }
-                        return Ok(());
-                    }
-                    Err(failure) => {
-                        self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                        ::metrics::counter!(metrics::SINK_RETRIES).increment(1);
-                        tracing::warn!(%failure, "bulk request failed; retrying");
-                        backoff.wait().await;
-                        continue;
-                    }
-                };
-                let mut retry_positions = Vec::new();
-                let mut dead = Vec::new();
-                let mut missing_index = false;
-                let (mut applied, mut stale) = (0_u64, 0_u64);
-                let now_ms = unix_millis();
-                for (item, outcome) in request.items.iter().zip(outcomes) {
-                    // Collapsed events share their item's outcome: count each of them.
-                    let events = item.positions().len() as u64;
-                    let sources = || item.positions().into_iter().map(|p| &pending[origins[p]]);
-                    match &outcome {
-                        ItemOutcome::Done | ItemOutcome::AlreadyDeleted => {
-                            sources().for_each(|p| {
-                                let op = p.envelope.op.code();
-                                p.target
-                                    .metrics
-                                    .written(op, p.envelope.source.ts_ms, now_ms)
-                            })
-                        }
-                        ItemOutcome::Stale => {
-                            sources().for_each(|p| p.target.metrics.conflicts.increment(1))
-                        }
-                        _ => {}
-                    }
-                    match outcome {
-                        ItemOutcome::Done => {
-                            let counter =
-                                if item.operation == crate::sink::bulk::BulkOperation::Delete {
-                                    &self.stats.deleted
-                                } else {
-                                    &self.stats.indexed
-                                };
-                            counter.fetch_add(events, Ordering::Relaxed);
-                            applied += events;
-                        }
-                        ItemOutcome::Stale => {
-                            self.stats.stale.fetch_add(events, Ordering::Relaxed);
-                            stale += events;
-                        }
-                        ItemOutcome::AlreadyDeleted => {
-                            self.stats.deleted.fetch_add(events, Ordering::Relaxed);
-                        }
-                        ItemOutcome::Retry { cause, reason } => {
-                            missing_index |= cause == RetryCause::IndexMissing;
-                            tracing::debug!(cause = cause.label(), %reason, "bulk item will be retried");
-                            retry_positions.extend(item.positions());
-                        }
-                        ItemOutcome::DeadLetter { reason } => dead.push((item.positions(), reason)),
-                    }
-                }
-                self.watch_conflicts(stale, applied + stale);
-                if !dead.is_empty() {
-                    self.trip_breaker_if_bursting(dead.len(), &dead[0].1)?;
-                    for (positions, reason) in &dead {
-                        for position in positions {
-                            self.dead_letter(pending[origins[*position]].message, reason)
-                                .await?;
-                        }
-                    }
-                }
-                if retry_positions.is_empty() {
-                    break;
-                }
-                retry_positions.sort_unstable();
-                if missing_index {
-                    self.recreate_missing_indices(&retry_positions, &origins, pending)
-                        .await;
-                }
-                self.stats.retries.fetch_add(1, Ordering::Relaxed);
-                ::metrics::counter!(metrics::SINK_RETRIES).increment(1);
-                let kept_actions = retry_positions
-                    .iter()
-                    .map(|p| actions[*p].clone())
-                    .collect();
-                origins = retry_positions.iter().map(|p| origins[*p]).collect();
-                actions = kept_actions;
-                backoff.wait().await;
-            }
-            Ok(())
+            let half = actions.len() / 2;
+            let later_actions = actions.split_off(half);
+            let later_origins = origins.split_off(half);
+            self.send(actions, &origins, pending).await?;
+            self.send(later_actions, &later_origins, pending).await
         })
+    }
+
+    /// One document too large on its own: the server will never accept it.
+    async fn dead_letter_too_large(
+        &self,
+        reason: &str,
+        origins: &[usize],
+        pending: &[Pending<'_>],
+    ) -> anyhow::Result<()> {
+        let reason = format!(
+            "the document alone is too large for the search server ({reason}); raise its http.max_content_length (and any proxy's body limit)"
+        );
+        self.trip_breaker_if_bursting(1, &reason)?;
+        for origin in origins {
+            self.dead_letter(pending[*origin].message, &reason).await?;
+        }
+        Ok(())
+    }
+
+    /// Counts one retry of a request to the search server.
+    fn note_retry(&self) {
+        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        ::metrics::counter!(metrics::SINK_RETRIES).increment(1);
     }
 
     async fn post_bulk(&self, request: &BulkRequest) -> Result<Vec<ItemOutcome>, BulkFailure> {
@@ -925,7 +947,7 @@ impl Sink {
                 }
                 Err(error) => return Err(error),
             }
-            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            self.note_retry();
             backoff.wait().await;
         }
     }
@@ -998,7 +1020,7 @@ impl Sink {
                     tracing::warn!(%alias, %reason, "{what} failed; retrying");
                 }
             }
-            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            self.note_retry();
             backoff.wait().await;
         }
     }
