@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::kafka::{Consumed, read_topic, read_topic_until, topic_size};
 use common::pipeline::{RunningPipeline, pipeline_config, wait_equal};
-use common::source::{RunningSource, config_for, drop_slot, name, sql};
+use common::source::{RunningSource, config_for, drop_slot, name, sql, wait_copy_recorded};
 use common::{admin_client, wait_for};
 use walsync::event::{EventWriter, SourceInfo};
 use walsync::kafka::producer::EventProducer;
@@ -78,21 +78,7 @@ async fn a_restart_does_not_copy_again_and_a_table_added_later_is_copied() {
     let source = RunningSource::start(config_for(&name, &[&first])).await;
     assert_eq!(snapshot_events(&topic, 100).await, 100);
     // Recorded once Kafka acknowledged the rows, which is a moment after they can be read.
-    wait_for(
-        "the copy to be recorded",
-        Duration::from_secs(30),
-        || async {
-            client
-                .query_opt(
-                    "SELECT 1 FROM walsync.snapshot_progress WHERE slot_name = $1",
-                    &[&name],
-                )
-                .await
-                .expect("read walsync.snapshot_progress")
-                .map(|_| ())
-        },
-    )
-    .await;
+    wait_copy_recorded(&client, &name, None, Duration::from_secs(30)).await;
     source.stop().await;
 
     let source = RunningSource::start(config_for(&name, &[&first, &second])).await;
@@ -428,17 +414,7 @@ async fn a_long_copy_continues_under_fresh_snapshots_and_the_index_ends_equal() 
     ] {
         client.batch_execute(&statement).await.expect(&statement);
     }
-    wait_for("the copy to complete", Duration::from_secs(300), || async {
-        client
-            .query_opt(
-                "SELECT 1 FROM walsync.snapshot_progress WHERE slot_name = $1",
-                &[&name],
-            )
-            .await
-            .expect("read walsync.snapshot_progress")
-            .map(|_| ())
-    })
-    .await;
+    wait_copy_recorded(&client, &name, None, Duration::from_secs(300)).await;
     let snapshots: i64 = client
         .query_one(
             "SELECT count(DISTINCT consistent_point) FROM walsync.snapshot_chunks WHERE slot_name = $1",

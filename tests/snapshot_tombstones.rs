@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use common::kafka::{read_records_until, topic_size};
 use common::pipeline::{RunningPipeline, alias_of, pipeline_config, search_client, wait_equal};
-use common::source::{drop_slot, name, sql};
+use common::source::{copy_recorded, drop_slot, name, sql, wait_copy_recorded};
 use common::{stack, wait_for};
 use elasticsearch::{CountParts, Elasticsearch};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -46,17 +46,6 @@ async fn count(search: &Elasticsearch, alias: &str, query: Value) -> u64 {
 
 fn soft_tombstones() -> Value {
     json!({"term": {"walsync.deleted": true}})
-}
-
-async fn copy_recorded(client: &tokio_postgres::Client, slot: &str, table: &str) -> bool {
-    client
-        .query_opt(
-            "SELECT 1 FROM walsync.snapshot_progress WHERE slot_name = $1 AND table_name = $2",
-            &[&slot, &table],
-        )
-        .await
-        .expect("read the snapshot progress")
-        .is_some()
 }
 
 /// One round of changes on ids (hi − SLICE, hi]: two thirds deleted, a third of those
@@ -214,13 +203,10 @@ async fn deletes_during_a_copy_never_bring_rows_back_and_no_tombstone_outlives_t
     // The snapshot is exported once the source streams: everything from here commits after
     // its consistent point, while the copy runs.
     workload_during_copy(&client, &table, || async {
-        !copy_recorded(&client, &name, &table).await
+        !copy_recorded(&client, &name, Some(&table)).await
     })
     .await;
-    wait_for("the copy to complete", Duration::from_secs(300), || async {
-        copy_recorded(&client, &name, &table).await.then_some(())
-    })
-    .await;
+    wait_copy_recorded(&client, &name, Some(&table), Duration::from_secs(300)).await;
     // After the copy: plain hard deletes again.
     workload_round(&client, &table, 2 * SLICE).await;
 

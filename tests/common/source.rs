@@ -83,3 +83,34 @@ pub async fn wait_streaming(slot: &str) {
     })
     .await;
 }
+
+/// Whether the initial copy of `table` (of any table, with `None`) for `slot` is recorded as
+/// complete in walsync.snapshot_progress.
+pub async fn copy_recorded(
+    client: &tokio_postgres::Client,
+    slot: &str,
+    table: Option<&str>,
+) -> bool {
+    client
+        .query_opt(
+            "SELECT 1 FROM walsync.snapshot_progress
+              WHERE slot_name = $1 AND ($2::text IS NULL OR table_name = $2)",
+            &[&slot, &table],
+        )
+        .await
+        .expect("read walsync.snapshot_progress")
+        .is_some()
+}
+
+/// Waits until [`copy_recorded`] says so.
+pub async fn wait_copy_recorded(
+    client: &tokio_postgres::Client,
+    slot: &str,
+    table: Option<&str>,
+    deadline: Duration,
+) {
+    wait_for("the copy to be recorded", deadline, || async {
+        copy_recorded(client, slot, table).await.then_some(())
+    })
+    .await;
+}
