@@ -146,8 +146,12 @@ async fn every_literal_in_the_table_encodes_as_expected_from_postgres_text() {
 #[tokio::test]
 async fn every_array_type_of_this_server_is_an_array_split_at_its_delimiter() {
     let client = connect_pinned().await;
-    let builtin_only = Codec::new(CodecOptions::default());
-    let registered = codec_for(&client).await;
+    // The other test creates the test enum concurrently: create it here too, and list the array
+    // types before reading the catalog into the codec, so the codec knows every type listed.
+    client
+        .batch_execute(TEST_TYPES_SQL)
+        .await
+        .expect("create the test enum and domain");
     let rows = text_rows(
         &client,
         "SELECT t.oid, t.typname, element.typdelim, \
@@ -157,6 +161,8 @@ async fn every_array_type_of_this_server_is_an_array_split_at_its_delimiter() {
     )
     .await;
     assert!(rows.len() > 50, "only {} array types found", rows.len());
+    let builtin_only = Codec::new(CodecOptions::default());
+    let registered = codec_for(&client).await;
 
     let mut failures = Vec::new();
     for row in &rows {
