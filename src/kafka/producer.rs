@@ -44,6 +44,9 @@ const OWNED_SETTINGS: &[&str] = &[
 pub fn client_config(config: &KafkaConfig) -> Result<ClientConfig, ProducerError> {
     let mut client = ClientConfig::new();
     client.set("bootstrap.servers", &config.brokers);
+    // Nagle's algorithm holds small requests back until the broker acknowledges the previous
+    // segment, which its delayed ACK postpones by up to 40 ms: a change must not wait for that.
+    client.set("socket.nagle.disable", "true");
     client.set_log_level(RDKafkaLogLevel::Warning);
     let security = &config.security;
     if let Some(protocol) = &security.protocol {

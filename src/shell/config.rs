@@ -214,7 +214,7 @@ impl Default for SinkConfig {
             topics: Vec::new(),
             batch_max_docs: 1_000,
             batch_max_bytes: 5 * 1024 * 1024,
-            linger_ms: 20,
+            linger_ms: 5,
             concurrency: 4,
             dlq_breaker_per_minute: 100,
         }

@@ -72,8 +72,8 @@ pub const ALL: &[&str] = &[
 
 /// Latency buckets (seconds): from a millisecond to ten minutes.
 const SECONDS_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-    300.0, 600.0,
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0, 300.0, 600.0,
 ];
 /// Bulk body sizes (bytes): 1 KiB to 64 MiB.
 const BYTES_BUCKETS: &[f64] = &[

@@ -1,9 +1,10 @@
 //! The sink's loop: consume events, apply them to the search server, commit offsets.
 //!
-//! One cycle: collect a batch (bounded by documents, bytes and linger time), split it by
-//! partition, apply the partitions in parallel — each partition's events in offset order, with
-//! at most one bulk request in flight per partition and its retried items finished before the
-//! partition moves on (design invariant 4) — then commit every partition's next offset. Nothing
+//! One cycle: collect a batch (bounded by documents and bytes; what piled up meanwhile is taken
+//! at once, an idle sink lingers for company), split it by partition, apply the partitions in
+//! parallel — each partition's events in offset order, with at most one bulk request in flight
+//! per partition and its retried items finished before the partition moves on (design invariant
+//! 4) — then commit every partition's next offset (asynchronously; in order). Nothing
 //! is polled while a batch is applied, so a rebalance can only happen between batches: the work
 //! of a revoked partition is always finished, never abandoned, and an offset is committed only
 //! when everything before it is done or dead-lettered.
@@ -22,10 +23,12 @@ use anyhow::{Context, bail};
 use elasticsearch::Elasticsearch;
 use elasticsearch::http::Method;
 use elasticsearch::http::headers::HeaderMap;
+use futures_util::FutureExt;
 use futures_util::future::join_all;
 use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
 };
+use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
@@ -39,7 +42,7 @@ use crate::kafka::topics;
 use crate::postgres::catalog::Catalog;
 use crate::postgres::replication::quote_identifier;
 use crate::postgres::types::Codec;
-use crate::shell::config::{Config, DeleteMode, TableConfig};
+use crate::shell::config::{Config, DeleteMode, SinkConfig, TableConfig};
 use crate::shell::health::HEALTH;
 use crate::shell::metrics::{self, SinkTableMetrics};
 use crate::sink::bulk::{
@@ -83,6 +86,12 @@ struct GapGuard {
 impl ClientContext for GapGuard {}
 
 impl ConsumerContext for GapGuard {
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        if let Err(error) = result {
+            warn_commit_failed(&error);
+        }
+    }
+
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Assign(assigned) = rebalance else {
             return;
@@ -141,6 +150,9 @@ pub struct Sink {
     index_overrides: HashMap<(String, String), String>,
     breaker: std::sync::Mutex<VecDeque<Instant>>,
     conflicts: std::sync::Mutex<ConflictRate>,
+    /// The next offset of every partition whose events are all applied: committed once more,
+    /// synchronously, when the sink stops, so no asynchronous commit is lost on the way out.
+    applied_offsets: std::sync::Mutex<HashMap<(String, i32), i64>>,
     pub stats: Arc<SinkStats>,
 }
 
@@ -217,6 +229,7 @@ impl Sink {
             index_overrides: HashMap::new(),
             breaker: std::sync::Mutex::new(VecDeque::new()),
             conflicts: std::sync::Mutex::new(ConflictRate::new(Instant::now())),
+            applied_offsets: std::sync::Mutex::new(HashMap::new()),
             stats: Arc::new(SinkStats::default()),
         })
     }
@@ -289,35 +302,61 @@ impl Sink {
                 }
             }
         }
+        self.commit_applied_offsets();
         tracing::info!("sink stopped");
         Ok(())
     }
 
-    /// Waits for a first record, then gathers more until the batch is full or the linger time
-    /// has passed.
+    /// Commits, and waits for, the offsets of everything applied.
+    fn commit_applied_offsets(&self) {
+        let Ok(applied) = self.applied_offsets.lock() else {
+            return;
+        };
+        if applied.is_empty() {
+            return;
+        }
+        let mut offsets = TopicPartitionList::new();
+        for ((topic, partition), offset) in applied.iter() {
+            if let Err(error) =
+                offsets.add_partition_offset(topic, *partition, Offset::Offset(*offset))
+            {
+                warn_commit_failed(&error);
+                return;
+            }
+        }
+        if let Err(error) = self.consumer.commit(&offsets, CommitMode::Sync) {
+            warn_commit_failed(&error);
+        }
+    }
+
+    /// Waits for a first record, then gathers more until the batch is full. Records that piled
+    /// up while the previous batch was applied are taken as they are, without waiting: they
+    /// have waited long enough. A first record that had to be waited for gets company for at
+    /// most the linger time.
     async fn collect_batch(&self) -> anyhow::Result<Vec<OwnedMessage>> {
-        let sink = &self.config.sink;
-        let first = loop {
-            match self.consumer.recv().await {
-                Ok(message) => break message.detach(),
-                // Consumer errors are reports (a subscribed pattern that matches no topic yet, a
-                // broker going away); librdkafka recovers by itself.
-                Err(error) => {
-                    tracing::warn!(%error, "Kafka consumer reported an error; continuing");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
+        let (first, backlog) = match self.consumer.recv().now_or_never() {
+            Some(Ok(message)) => (message.detach(), true),
+            _ => (self.next_message().await, false),
+        };
+        let mut batch = Batch::new(&self.config.sink, first);
+        if backlog {
+            while !batch.is_full() {
+                match self.consumer.recv().now_or_never() {
+                    Some(Ok(message)) => batch.push(message.detach()),
+                    Some(Err(error)) => {
+                        tracing::warn!(%error, "Kafka consumer reported an error; continuing");
+                        break;
+                    }
+                    None => break,
                 }
             }
-        };
-        let mut bytes = first.payload().map_or(0, <[u8]>::len);
-        let mut batch = vec![first];
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(sink.linger_ms);
-        while batch.len() < sink.batch_max_docs && bytes < sink.batch_max_bytes {
+            return Ok(batch.messages);
+        }
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_millis(self.config.sink.linger_ms);
+        while !batch.is_full() {
             match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
-                Ok(Ok(message)) => {
-                    let message = message.detach();
-                    bytes += message.payload().map_or(0, <[u8]>::len);
-                    batch.push(message);
-                }
+                Ok(Ok(message)) => batch.push(message.detach()),
                 Ok(Err(error)) => {
                     tracing::warn!(%error, "Kafka consumer reported an error; continuing");
                     break;
@@ -325,7 +364,22 @@ impl Sink {
                 Err(_) => break,
             }
         }
-        Ok(batch)
+        Ok(batch.messages)
+    }
+
+    /// The next record, however long it takes.
+    async fn next_message(&self) -> OwnedMessage {
+        loop {
+            match self.consumer.recv().await {
+                Ok(message) => return message.detach(),
+                // Consumer errors are reports (a subscribed pattern that matches no topic yet, a
+                // broker going away); librdkafka recovers by itself.
+                Err(error) => {
+                    tracing::warn!(%error, "Kafka consumer reported an error; continuing");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+            }
+        }
     }
 
     async fn apply_batch(&self, batch: Vec<OwnedMessage>) -> anyhow::Result<()> {
@@ -356,10 +410,17 @@ impl Sink {
                 )?;
             }
         }
-        if let Err(error) = self.consumer.commit(&offsets, CommitMode::Sync) {
-            // After a rebalance the partition may belong to another consumer, which re-applies
-            // from the last commit: harmless, versions make it idempotent.
-            tracing::warn!(%error, "offset commit failed; the events will be applied again (idempotent)");
+        // Asynchronous: the next batch need not wait for the broker, and commits still reach it
+        // in order. Failures are reported by the context's commit callback.
+        if let Err(error) = self.consumer.commit(&offsets, CommitMode::Async) {
+            warn_commit_failed(&error);
+        }
+        if let Ok(mut applied) = self.applied_offsets.lock() {
+            for ((topic, partition), messages) in &partitions {
+                if let Some(last) = messages.last() {
+                    applied.insert((topic.clone(), *partition), last.offset() + 1);
+                }
+            }
         }
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -1217,6 +1278,36 @@ impl Sink {
 }
 
 /// One event of a partition on its way to a bulk action.
+/// Records being gathered for one cycle, bounded by documents and bytes.
+struct Batch {
+    messages: Vec<OwnedMessage>,
+    bytes: usize,
+    max_docs: usize,
+    max_bytes: usize,
+}
+
+impl Batch {
+    fn new(config: &SinkConfig, first: OwnedMessage) -> Self {
+        let mut batch = Self {
+            messages: Vec::with_capacity(config.batch_max_docs.min(4096)),
+            bytes: 0,
+            max_docs: config.batch_max_docs,
+            max_bytes: config.batch_max_bytes,
+        };
+        batch.push(first);
+        batch
+    }
+
+    fn push(&mut self, message: OwnedMessage) {
+        self.bytes += message.payload().map_or(0, <[u8]>::len);
+        self.messages.push(message);
+    }
+
+    fn is_full(&self) -> bool {
+        self.messages.len() >= self.max_docs || self.bytes >= self.max_bytes
+    }
+}
+
 struct Pending<'a> {
     message: &'a OwnedMessage,
     envelope: Envelope,
@@ -1533,6 +1624,12 @@ async fn write_truncate_mark(
         );
     }
     Ok(())
+}
+
+/// After a rebalance the partition may belong to another consumer, which re-applies from the
+/// last commit: harmless, versions make it idempotent.
+fn warn_commit_failed(error: &KafkaError) {
+    tracing::warn!(%error, "offset commit failed; the events will be applied again (idempotent)");
 }
 
 fn unix_millis() -> i64 {
