@@ -312,21 +312,28 @@ impl Sink {
         let Ok(applied) = self.applied_offsets.lock() else {
             return;
         };
-        if applied.is_empty() {
-            return;
-        }
-        let mut offsets = TopicPartitionList::new();
-        for ((topic, partition), offset) in applied.iter() {
-            if let Err(error) =
-                offsets.add_partition_offset(topic, *partition, Offset::Offset(*offset))
-            {
+        if !applied.is_empty() {
+            if let Err(error) = self.commit(applied.iter(), CommitMode::Sync) {
                 warn_commit_failed(&error);
-                return;
             }
         }
-        if let Err(error) = self.consumer.commit(&offsets, CommitMode::Sync) {
+    }
+
+    /// Commits each partition's next offset; a failure is logged (the events are applied again
+    /// by whoever holds the partition next), an offset librdkafka refuses to list is returned.
+    fn commit<'o>(
+        &self,
+        next_offsets: impl Iterator<Item = (&'o (String, i32), &'o i64)>,
+        mode: CommitMode,
+    ) -> KafkaResult<()> {
+        let mut offsets = TopicPartitionList::new();
+        for ((topic, partition), offset) in next_offsets {
+            offsets.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
+        }
+        if let Err(error) = self.consumer.commit(&offsets, mode) {
             warn_commit_failed(&error);
         }
+        Ok(())
     }
 
     /// Waits for a first record, then gathers more until the batch is full. Records that piled
@@ -334,34 +341,29 @@ impl Sink {
     /// have waited long enough. A first record that had to be waited for gets company for at
     /// most the linger time.
     async fn collect_batch(&self) -> anyhow::Result<Vec<OwnedMessage>> {
-        let (first, backlog) = match self.consumer.recv().now_or_never() {
-            Some(Ok(message)) => (message.detach(), true),
-            _ => (self.next_message().await, false),
+        let (first, linger_until) = match self.consumer.recv().now_or_never() {
+            Some(Ok(message)) => (message.detach(), None),
+            _ => {
+                let first = self.next_message().await;
+                let linger = Duration::from_millis(self.config.sink.linger_ms);
+                (first, Some(tokio::time::Instant::now() + linger))
+            }
         };
         let mut batch = Batch::new(&self.config.sink, first);
-        if backlog {
-            while !batch.is_full() {
-                match self.consumer.recv().now_or_never() {
-                    Some(Ok(message)) => batch.push(message.detach()),
-                    Some(Err(error)) => {
-                        tracing::warn!(%error, "Kafka consumer reported an error; continuing");
-                        break;
-                    }
-                    None => break,
-                }
-            }
-            return Ok(batch.messages);
-        }
-        let deadline =
-            tokio::time::Instant::now() + Duration::from_millis(self.config.sink.linger_ms);
         while !batch.is_full() {
-            match tokio::time::timeout_at(deadline, self.consumer.recv()).await {
-                Ok(Ok(message)) => batch.push(message.detach()),
-                Ok(Err(error)) => {
+            let next = match linger_until {
+                None => self.consumer.recv().now_or_never(),
+                Some(deadline) => tokio::time::timeout_at(deadline, self.consumer.recv())
+                    .await
+                    .ok(),
+            };
+            match next {
+                Some(Ok(message)) => batch.push(message.detach()),
+                Some(Err(error)) => {
                     tracing::warn!(%error, "Kafka consumer reported an error; continuing");
                     break;
                 }
-                Err(_) => break,
+                None => break,
             }
         }
         Ok(batch.messages)
@@ -400,27 +402,20 @@ impl Sink {
         for result in results {
             result?;
         }
-        let mut offsets = TopicPartitionList::new();
-        for ((topic, partition), messages) in &partitions {
-            if let Some(last) = messages.last() {
-                offsets.add_partition_offset(
-                    topic,
-                    *partition,
-                    Offset::Offset(last.offset() + 1),
-                )?;
-            }
-        }
+        let next_offsets: Vec<((String, i32), i64)> = partitions
+            .into_iter()
+            .filter_map(|(key, messages)| Some((key, messages.last()?.offset() + 1)))
+            .collect();
         // Asynchronous: the next batch need not wait for the broker, and commits still reach it
         // in order. Failures are reported by the context's commit callback.
-        if let Err(error) = self.consumer.commit(&offsets, CommitMode::Async) {
-            warn_commit_failed(&error);
-        }
+        self.commit(
+            next_offsets
+                .iter()
+                .map(|(partition, offset)| (partition, offset)),
+            CommitMode::Async,
+        )?;
         if let Ok(mut applied) = self.applied_offsets.lock() {
-            for ((topic, partition), messages) in &partitions {
-                if let Some(last) = messages.last() {
-                    applied.insert((topic.clone(), *partition), last.offset() + 1);
-                }
-            }
+            applied.extend(next_offsets);
         }
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -1277,7 +1272,6 @@ impl Sink {
     }
 }
 
-/// One event of a partition on its way to a bulk action.
 /// Records being gathered for one cycle, bounded by documents and bytes.
 struct Batch {
     messages: Vec<OwnedMessage>,
@@ -1308,6 +1302,7 @@ impl Batch {
     }
 }
 
+/// One event of a partition on its way to a bulk action.
 struct Pending<'a> {
     message: &'a OwnedMessage,
     envelope: Envelope,
