@@ -227,8 +227,7 @@ impl RegistryFollower {
         let table = registration.qualified_name();
         match registration.state {
             RegistrationState::Requested => {
-                if self.owner_is_gone(id).await? {
-                    copy_registry::remove(self.catalog.client(), id).await?;
+                if self.remove_if_abandoned(id).await? {
                     return Ok(());
                 }
                 self.count(registration).await;
@@ -247,9 +246,7 @@ impl RegistryFollower {
             RegistrationState::Copied => {
                 self.count(registration).await;
                 self.complete(registration).await?;
-                if self.owner_is_gone(id).await? {
-                    copy_registry::remove(self.catalog.client(), id).await?;
-                } else {
+                if !self.remove_if_abandoned(id).await? {
                     copy_registry::set_state(
                         self.catalog.client(),
                         id,
@@ -259,9 +256,7 @@ impl RegistryFollower {
                 }
             }
             RegistrationState::Completed => {
-                if self.owner_is_gone(id).await? {
-                    copy_registry::remove(self.catalog.client(), id).await?;
-                }
+                self.remove_if_abandoned(id).await?;
             }
         }
         Ok(())
@@ -269,6 +264,15 @@ impl RegistryFollower {
 
     async fn owner_is_gone(&self, id: i32) -> anyhow::Result<bool> {
         Ok(copy_registry::owner_is_gone(self.catalog.client(), id).await?)
+    }
+
+    /// Removes the registration if its backfill's session is gone; whether it did.
+    async fn remove_if_abandoned(&self, id: i32) -> anyhow::Result<bool> {
+        let gone = self.owner_is_gone(id).await?;
+        if gone {
+            copy_registry::remove(self.catalog.client(), id).await?;
+        }
+        Ok(gone)
     }
 
     /// Registers the copy in `copies`, once per registration.
