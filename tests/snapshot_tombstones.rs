@@ -74,6 +74,52 @@ async fn create_wide_table(client: &tokio_postgres::Client, table: &str) {
         .expect("a table with rows");
 }
 
+/// A pipeline over a fresh [`create_wide_table`] whose index forgets a hard delete's version
+/// after a second (`gc_deletes`): without soft tombstones, any copied row applied more than a
+/// second after its row's delete comes back.
+struct WideTableRun {
+    name: String,
+    table: String,
+    client: tokio_postgres::Client,
+    config: Config,
+    pipeline: RunningPipeline,
+}
+
+impl WideTableRun {
+    async fn start(prefix: &str, configure: impl FnOnce(&mut Config)) -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter("walsync=info")
+            .with_test_writer()
+            .try_init();
+        let name = name(prefix);
+        let table = format!("public.{name}");
+        let client = sql().await;
+        create_wide_table(&client, &table).await;
+        let mut config = pipeline_config(&name, &[&table]);
+        config.elasticsearch.gc_deletes = "1s".into();
+        configure(&mut config);
+        let pipeline = RunningPipeline::start(config.clone()).await;
+        Self {
+            name,
+            table,
+            client,
+            config,
+            pipeline,
+        }
+    }
+
+    /// After the copy: plain hard deletes again; then the index must end equal to the table
+    /// without tombstones, and the topic must show the marked deletes before the control
+    /// records.
+    async fn finish(self) {
+        workload_round(&self.client, &self.table, 2 * SLICE).await;
+        assert_ends_equal_without_tombstones(&self.config, &self.name).await;
+        self.pipeline.stop().await;
+        assert_marked_deletes_precede_the_control_records(&self.name).await;
+        drop_slot(&self.name).await;
+    }
+}
+
 /// Workload rounds, from the highest ids down, for as long as `copying` says the copy runs
 /// (at most [`MAX_ROUNDS`]); at least one must run during the copy.
 async fn workload_during_copy<F, Fut>(client: &tokio_postgres::Client, table: &str, mut copying: F)
@@ -186,35 +232,17 @@ async fn assert_marked_deletes_precede_the_control_records(name: &str) {
 /// re-insert, each an `op: "r"` snapshot row, and `wait_equal` failed.
 #[tokio::test]
 async fn deletes_during_a_copy_never_bring_rows_back_and_no_tombstone_outlives_the_copy() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("walsync=info")
-        .with_test_writer()
-        .try_init();
-    let name = name("snap_tomb");
-    let table = format!("public.{name}");
-    let client = sql().await;
-    create_wide_table(&client, &table).await;
-    let mut config = pipeline_config(&name, &[&table]);
-    // Elasticsearch forgets a hard delete's version after a second: without soft tombstones,
-    // any snapshot row applied more than a second after its row's delete comes back.
-    config.elasticsearch.gc_deletes = "1s".into();
-    let pipeline = RunningPipeline::start(config.clone()).await;
+    let run = WideTableRun::start("snap_tomb", |_| {}).await;
+    let (client, name, table) = (&run.client, &run.name, &run.table);
 
     // The snapshot is exported once the source streams: everything from here commits after
     // its consistent point, while the copy runs.
-    workload_during_copy(&client, &table, || async {
-        !copy_recorded(&client, &name, Some(&table)).await
+    workload_during_copy(client, table, || async {
+        !copy_recorded(client, name, Some(table)).await
     })
     .await;
-    wait_copy_recorded(&client, &name, Some(&table), Duration::from_secs(300)).await;
-    // After the copy: plain hard deletes again.
-    workload_round(&client, &table, 2 * SLICE).await;
-
-    assert_ends_equal_without_tombstones(&config, &name).await;
-    pipeline.stop().await;
-
-    assert_marked_deletes_precede_the_control_records(&name).await;
-    drop_slot(&name).await;
+    wait_copy_recorded(client, name, Some(table), Duration::from_secs(300)).await;
+    run.finish().await;
 }
 
 /// The sink alone, with events written straight into Kafka: a marked delete is a soft
@@ -359,23 +387,16 @@ async fn registration_state(client: &tokio_postgres::Client, slot: &str) -> Opti
 /// extra documents, the rows deleted during the backfill.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn deletes_during_a_backfill_never_bring_rows_back_and_no_tombstone_outlives_it() {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter("walsync=info")
-        .with_test_writer()
-        .try_init();
-    let name = name("backfill_tomb");
-    let table = format!("public.{name}");
-    let client = sql().await;
-    create_wide_table(&client, &table).await;
-    let mut config = pipeline_config(&name, &[&table]);
-    config.elasticsearch.gc_deletes = "1s".into();
-    config.snapshot.mode = SnapshotMode::Never;
-    let pipeline = RunningPipeline::start(config.clone()).await;
+    let run = WideTableRun::start("backfill_tomb", |config| {
+        config.snapshot.mode = SnapshotMode::Never;
+    })
+    .await;
+    let (client, name, table, config) = (&run.client, &run.name, &run.table, &run.config);
 
     // Search traffic refreshes the index; each refresh lets the engine forget the versions of
     // deletes older than gc_deletes, which is when a late snapshot row could come back.
     let search = search_client();
-    let alias = alias_of(&config, "public", &name);
+    let alias = alias_of(config, "public", name);
     let refresher = {
         let (search, alias) = (search.clone(), alias.clone());
         tokio::spawn(async move {
@@ -399,13 +420,12 @@ async fn deletes_during_a_backfill_never_bring_rows_back_and_no_tombstone_outliv
         "the source to register the backfill",
         Duration::from_secs(60),
         || async {
-            (registration_state(&client, &name).await.as_deref() == Some("registered"))
-                .then_some(())
+            (registration_state(client, name).await.as_deref() == Some("registered")).then_some(())
         },
     )
     .await;
-    workload_during_copy(&client, &table, || async {
-        registration_state(&client, &name).await.as_deref() == Some("registered")
+    workload_during_copy(client, table, || async {
+        registration_state(client, name).await.as_deref() == Some("registered")
     })
     .await;
     let report = backfill
@@ -415,17 +435,11 @@ async fn deletes_during_a_backfill_never_bring_rows_back_and_no_tombstone_outliv
     refresher.abort();
     assert!(report.rows > 0, "{report:?}");
     assert_eq!(
-        registration_state(&client, &name).await,
+        registration_state(client, name).await,
         None,
         "the backfill removed its registration"
     );
-    // After the backfill: plain hard deletes again.
-    workload_round(&client, &table, 2 * SLICE).await;
-
-    assert_ends_equal_without_tombstones(&config, &name).await;
-    pipeline.stop().await;
-    assert_marked_deletes_precede_the_control_records(&name).await;
-    drop_slot(&name).await;
+    run.finish().await;
 }
 
 /// A backfill outlives a source restart and then dies: the restarted source counts its
