@@ -495,6 +495,45 @@ async fn a_bulk_too_large_for_the_server_is_split_and_a_document_too_large_alone
     assert!(stored(&alias(&direct), 1000).await.is_none());
 }
 
+/// Records that arrive while a batch is being applied are taken at once when it is done; only
+/// an idle sink lingers for company. With a ten-minute linger, the event produced during the
+/// first (throttled) batch would otherwise wait ten minutes; checked once with the old
+/// collection (linger after every first record): `wait_processed` timed out.
+#[tokio::test]
+async fn records_that_piled_up_during_a_batch_are_applied_without_lingering() {
+    let (proxy, rejected) = refusing_proxy(ProxyRules {
+        throttled_bulks: 8,
+        max_body: usize::MAX,
+    })
+    .await;
+    let mut config = sink_config(&name("sink_backlog"));
+    config.elasticsearch.url = proxy;
+    config.sink.linger_ms = 600_000;
+    config.sink.batch_max_docs = 2;
+    let topic = create_topic(&config).await;
+    let sink = RunningSink::start(config.clone()).await;
+    // Two records fill the first batch, so its linger ends at once.
+    produce(
+        &topic,
+        &[
+            envelope("c", 1, Some("a"), 100),
+            envelope("c", 2, Some("b"), 101),
+        ],
+    )
+    .await;
+    wait_for(
+        "the first batch to be throttled",
+        Duration::from_secs(60),
+        || async { (rejected.load(Ordering::SeqCst) >= 1).then_some(()) },
+    )
+    .await;
+    // Arrives while the first batch is retried: waiting when it is done.
+    produce(&topic, &[envelope("c", 3, Some("c"), 102)]).await;
+    sink.wait_processed(3).await;
+    assert_eq!(sink.stats.indexed.load(Ordering::Relaxed), 3);
+    sink.stop().await.expect("clean stop");
+}
+
 #[tokio::test]
 async fn two_updates_in_one_transaction_end_as_the_second_even_when_bulks_are_throttled() {
     let name = name("sink_429");
