@@ -9,9 +9,12 @@ demo: ## the pipeline live on a shop catalogue; DEMO_SECONDS=N runs unattended, 
 test: ## bring the stack up if needed, run every test suite, stop what was started
 	scripts/test
 
-bench: ## figures on the local stack: source, sink vs raw bulk, end-to-end latency
+bench: ## figures on the local stack: source, sink vs raw bulk, end-to-end latency, vs Debezium
 	scripts/stack up
 	cargo bench --bench pipeline
+	scripts/stack debezium-jars
+	cargo build --release
+	cargo bench --bench debezium
 
 stack-up: ## install and start PostgreSQL, Kafka and the search server on 127.0.0.1
 	scripts/stack up

@@ -179,22 +179,28 @@ fn all_partitions_from_the_beginning(
 /// The number of records ever written to `topic` (the sum of its partitions' high
 /// watermarks).
 pub fn topic_size(topic: &str) -> i64 {
+    try_topic_size(topic).expect("the topic's metadata and watermarks")
+}
+
+/// [`topic_size`], or `None` while the broker cannot answer for the topic yet (e.g. just
+/// created, its partitions' leaders not elected).
+pub fn try_topic_size(topic: &str) -> Option<i64> {
     use rdkafka::consumer::BaseConsumer;
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", &stack().kafka_brokers)
         .create()
-        .expect("create a metadata consumer");
+        .ok()?;
     let metadata = consumer
         .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .expect("topic metadata");
+        .ok()?;
     metadata.topics()[0]
         .partitions()
         .iter()
         .map(|partition| {
             consumer
                 .fetch_watermarks(topic, partition.id(), Duration::from_secs(10))
-                .expect("watermarks")
-                .1
+                .ok()
+                .map(|(_, high)| high)
         })
         .sum()
 }
