@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use common::kafka::try_topic_size;
 use common::process::Walsync;
+use common::source::wait_streaming;
 use common::{admin_client, stack, wait_for};
 
 const DATABASE: &str = "walsync_bench";
@@ -150,25 +151,6 @@ async fn insert_rows(client: &tokio_postgres::Client, table: &str, first: u64, r
         .expect("insert the bench rows");
 }
 
-/// Waits until the walsender of `slot` streams (created, and past its starting point).
-async fn wait_streaming(slot: &str) {
-    // The superuser sees every walsender's state.
-    let client = admin_client().await;
-    wait_for("the slot's walsender to stream", Duration::from_secs(180), || async {
-        client
-            .query_opt(
-                "SELECT 1 FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid
-                 WHERE s.slot_name = $1 AND r.state IN ('catchup', 'streaming')",
-                &[&slot],
-            )
-            .await
-            .ok()
-            .flatten()
-            .map(|_| ())
-    })
-    .await;
-}
-
 async fn wait_topic_holds(topic: &str, records: u64) {
     wait_for("every event in Kafka", Duration::from_secs(900), || async {
         (try_topic_size(topic)? >= records as i64).then_some(())
@@ -176,21 +158,23 @@ async fn wait_topic_holds(topic: &str, records: u64) {
     .await;
 }
 
-/// Warm-up, then the measured transaction; `pid` is the contender's process.
+/// Warm-up, then the measured transaction, on table `public.<name>` whose events go to topic
+/// `<name>.public.<name>`; `pid` is the contender's process.
 async fn measure(
     pid: u32,
     client: &tokio_postgres::Client,
-    table: &str,
-    topic: &str,
+    name: &str,
     warmup: u64,
     rows: u64,
 ) -> Figures {
-    insert_rows(client, table, 1, warmup).await;
-    wait_topic_holds(topic, warmup).await;
+    let table = format!("public.{name}");
+    let topic = format!("{name}.public.{name}");
+    insert_rows(client, &table, 1, warmup).await;
+    wait_topic_holds(&topic, warmup).await;
     let cpu_before = process_cpu_seconds(pid);
-    insert_rows(client, table, warmup + 1, rows).await;
+    insert_rows(client, &table, warmup + 1, rows).await;
     let committed = Instant::now();
-    wait_topic_holds(topic, warmup + rows).await;
+    wait_topic_holds(&topic, warmup + rows).await;
     let seconds = committed.elapsed().as_secs_f64();
     Figures {
         seconds,
@@ -228,15 +212,7 @@ mode = "never"
     );
     let mut source = Walsync::spawn("source", name, &config);
     wait_streaming(name).await;
-    let figures = measure(
-        source.pid(),
-        client,
-        &table,
-        &format!("{name}.public.{name}"),
-        warmup,
-        rows,
-    )
-    .await;
+    let figures = measure(source.pid(), client, name, warmup, rows).await;
     source.terminate(Duration::from_secs(60)).await;
     drop_slot(client, name).await;
     figures
@@ -294,7 +270,9 @@ snapshot.mode=no_data
 topic.creation.default.partitions=3
 topic.creation.default.replication.factor=1
 {extra}",
-            extra = std::env::var("DEBEZIUM_EXTRA").unwrap_or_default().replace(';', "\n"),
+            extra = std::env::var("DEBEZIUM_EXTRA")
+                .unwrap_or_default()
+                .replace(';', "\n"),
             port = pg.get_ports().first().copied().unwrap_or(5432),
             user = pg.get_user().unwrap_or("walsync"),
         );
@@ -364,15 +342,7 @@ async fn debezium(
     create_table(client, &table).await;
     let worker = Debezium::start(libs, name, &table);
     wait_streaming(name).await;
-    let figures = measure(
-        worker.child.id(),
-        client,
-        &table,
-        &format!("{name}.public.{name}"),
-        warmup,
-        rows,
-    )
-    .await;
+    let figures = measure(worker.child.id(), client, name, warmup, rows).await;
     drop(worker);
     drop_slot(client, name).await;
     figures

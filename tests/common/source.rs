@@ -65,16 +65,18 @@ pub async fn drop_slot(slot: &str) {
         .await;
 }
 
-/// Waits until walsync's walsender for `slot` streams. A slot shows `active` already while it is
-/// being created, before its starting point exists: rows written then would not be streamed.
+/// Waits until the walsender of `slot` streams (walsync's or any other client's). A slot shows
+/// `active` already while it is being created, before its starting point exists: rows written
+/// then would not be streamed.
 pub async fn wait_streaming(slot: &str) {
+    // The superuser sees every walsender's state.
     let admin = super::admin_client().await;
-    let application = format!("walsync-{slot}");
-    wait_for("the source to stream from its slot", Duration::from_secs(60), || async {
+    wait_for("the slot's walsender to stream", Duration::from_secs(120), || async {
         admin
             .query_opt(
-                "SELECT 1 FROM pg_stat_replication WHERE application_name = $1 AND state IN ('catchup', 'streaming')",
-                &[&application],
+                "SELECT 1 FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid
+                 WHERE s.slot_name = $1 AND r.state IN ('catchup', 'streaming')",
+                &[&slot],
             )
             .await
             .ok()
