@@ -328,13 +328,32 @@ async fn untouched_toast_values_survive_updates_and_key_changes_through_the_sink
     drop_slot(&name).await;
 }
 
-/// What the proxy in front of the search server refuses.
-#[derive(Clone, Copy)]
+/// What the proxy in front of the search server refuses or holds back.
+#[derive(Clone)]
 struct ProxyRules {
     /// The first this-many bulk requests get a 429.
     throttled_bulks: usize,
     /// Requests with a larger body get a 413, like nginx's `client_max_body_size`.
     max_body: usize,
+    /// Bulk requests wait for this gate to open before they are forwarded.
+    bulk_gate: Option<BulkGate>,
+}
+
+impl ProxyRules {
+    fn refusing(throttled_bulks: usize, max_body: usize) -> Self {
+        Self {
+            throttled_bulks,
+            max_body,
+            bulk_gate: None,
+        }
+    }
+}
+
+/// Holds bulk requests (a search server that takes its time) until opened; counts them.
+#[derive(Clone)]
+struct BulkGate {
+    open: watch::Receiver<bool>,
+    held: Arc<AtomicUsize>,
 }
 
 /// A proxy to the search server that refuses what `rules` say, and counts the refusals.
@@ -351,6 +370,7 @@ async fn refusing_proxy(rules: ProxyRules) -> (String, Arc<AtomicUsize>) {
             };
             let upstream = upstream.clone();
             let counter = Arc::clone(&counter);
+            let rules = rules.clone();
             tokio::spawn(async move {
                 let _ = proxy_connection(client, &upstream, &counter, rules).await;
             });
@@ -424,6 +444,11 @@ async fn proxy_connection(
         )
         .await;
     }
+    if let (true, Some(gate)) = (head.contains("/_bulk"), &rules.bulk_gate) {
+        gate.held.fetch_add(1, Ordering::SeqCst);
+        let mut open = gate.open.clone();
+        let _ = open.wait_for(|open| *open).await;
+    }
     let head_text = String::from_utf8_lossy(&request[..header_end]).into_owned();
     let mut rewritten: Vec<String> = head_text
         .split("\r\n")
@@ -448,11 +473,7 @@ async fn proxy_connection(
 #[tokio::test]
 async fn a_bulk_too_large_for_the_server_is_split_and_a_document_too_large_alone_is_dead_lettered()
 {
-    let (proxy, refused) = refusing_proxy(ProxyRules {
-        throttled_bulks: 0,
-        max_body: 64 * 1024,
-    })
-    .await;
+    let (proxy, refused) = refusing_proxy(ProxyRules::refusing(0, 64 * 1024)).await;
     let mut config = sink_config(&name("sink_413"));
     config.elasticsearch.url = proxy;
     let topic = create_topic(&config).await;
@@ -501,11 +522,7 @@ async fn a_bulk_too_large_for_the_server_is_split_and_a_document_too_large_alone
 /// collection (linger after every first record): `wait_processed` timed out.
 #[tokio::test]
 async fn records_that_piled_up_during_a_batch_are_applied_without_lingering() {
-    let (proxy, rejected) = refusing_proxy(ProxyRules {
-        throttled_bulks: 8,
-        max_body: usize::MAX,
-    })
-    .await;
+    let (proxy, rejected) = refusing_proxy(ProxyRules::refusing(8, usize::MAX)).await;
     let mut config = sink_config(&name("sink_backlog"));
     config.elasticsearch.url = proxy;
     config.sink.linger_ms = 600_000;
@@ -545,11 +562,7 @@ async fn two_updates_in_one_transaction_end_as_the_second_even_when_bulks_are_th
         ))
         .await
         .expect("create table");
-    let (proxy, rejected) = refusing_proxy(ProxyRules {
-        throttled_bulks: 3,
-        max_body: usize::MAX,
-    })
-    .await;
+    let (proxy, rejected) = refusing_proxy(ProxyRules::refusing(3, usize::MAX)).await;
     let mut config = pipeline_config(&name, &[&table]);
     config.elasticsearch.url = proxy;
     config.sink.batch_max_docs = 1;
@@ -652,6 +665,144 @@ async fn a_committed_offset_that_fell_out_of_retention_stops_the_sink_instead_of
     );
 }
 
+/// A sink whose partitions the group takes back while one of its bulks is in flight gives them
+/// up only once that bulk is answered: nobody else applies those partitions meanwhile (design
+/// invariant 4), and nothing is lost. The sink keeps reading while bulks are in flight, so the
+/// revocation reaches it mid-bulk; carried out at once, the second sink would take over.
+#[tokio::test]
+async fn a_revoked_partition_is_given_up_only_after_its_bulk_in_flight_is_answered() {
+    let direct = sink_config(&name("sink_revoke"));
+    let topic = create_topic(&direct).await;
+    let (open_gate, gate) = watch::channel(false);
+    let held = Arc::new(AtomicUsize::new(0));
+    let (proxy, _) = refusing_proxy(ProxyRules {
+        bulk_gate: Some(BulkGate {
+            open: gate,
+            held: Arc::clone(&held),
+        }),
+        ..ProxyRules::refusing(0, usize::MAX)
+    })
+    .await;
+    let mut slow = direct.clone();
+    slow.elasticsearch.url = proxy;
+    let first = RunningSink::start(slow).await;
+    wait_for(
+        "the first sink to hold every partition",
+        Duration::from_secs(60),
+        || {
+            let assigned = first.sink.assigned_partitions();
+            async move { (assigned == direct.kafka.partitions as usize).then_some(()) }
+        },
+    )
+    .await;
+    let events: Vec<Value> = (1..=60)
+        .map(|id| envelope("c", id, Some("x"), 100 + id as u64))
+        .collect();
+    produce(&topic, &events).await;
+    wait_for("a bulk held in flight", Duration::from_secs(60), || {
+        let held = held.load(Ordering::SeqCst);
+        async move { (held > 0).then_some(()) }
+    })
+    .await;
+
+    let second = RunningSink::start(direct.clone()).await;
+    wait_for(
+        "the group to rebalance (the first sink told to give its partitions up)",
+        Duration::from_secs(60),
+        || {
+            let rebalanced =
+                first.sink.revocation_pending() || second.sink.assigned_partitions() > 0;
+            async move { rebalanced.then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(
+        second.sink.assigned_partitions(),
+        0,
+        "the partitions were handed over while a bulk for them was still in flight"
+    );
+    assert_eq!(second.stats.indexed.load(Ordering::Relaxed), 0);
+
+    open_gate.send(true).expect("open the gate");
+    wait_for(
+        "the second sink to get partitions once the bulk was answered",
+        Duration::from_secs(60),
+        || {
+            let assigned = second.sink.assigned_partitions();
+            async move { (assigned > 0).then_some(()) }
+        },
+    )
+    .await;
+    wait_applied_between(&first, &second, 60).await;
+    first.stop().await.expect("clean stop");
+    second.stop().await.expect("clean stop");
+    assert_eq!(documents(&direct).await, 60);
+}
+
+/// Waits until two sinks have applied `events` events between them.
+async fn wait_applied_between(first: &RunningSink, second: &RunningSink, events: u64) {
+    let (a, b) = (Arc::clone(&first.stats), Arc::clone(&second.stats));
+    wait_for(
+        "both sinks to index everything between them",
+        Duration::from_secs(90),
+        || {
+            let done = a.indexed.load(Ordering::Relaxed)
+                + b.indexed.load(Ordering::Relaxed)
+                + a.stale.load(Ordering::Relaxed)
+                + b.stale.load(Ordering::Relaxed);
+            async move { (done >= events).then_some(()) }
+        },
+    )
+    .await;
+}
+
+/// The documents in the table's index, after a refresh.
+async fn documents(config: &Config) -> u64 {
+    let client = search_client();
+    refresh(&client, &alias(config)).await.unwrap();
+    walsync::sink::index::count(&client, &alias(config))
+        .await
+        .unwrap()
+}
+
+/// A sink whose loop is dropped mid-run (its task aborted, as on a panic elsewhere) still
+/// closes: the revocation its consumer's close sends is not deferred to a loop that is gone.
+#[tokio::test]
+async fn a_sink_dropped_while_running_closes_without_hanging() {
+    let config = sink_config(&name("sink_drop"));
+    create_topic(&config).await;
+    let RunningSink {
+        stop: _stop,
+        task,
+        sink,
+        ..
+    } = RunningSink::start(config).await;
+    wait_for(
+        "the sink to hold partitions",
+        Duration::from_secs(60),
+        || {
+            let assigned = sink.assigned_partitions();
+            async move { (assigned > 0).then_some(()) }
+        },
+    )
+    .await;
+    task.abort();
+    let _ = task.await;
+    // On a thread of its own: a hung drop must fail the test, not hang the runtime's shutdown.
+    let (dropped, closed) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        drop(sink);
+        let _ = dropped.send(());
+    });
+    let closed = tokio::task::spawn_blocking(move || closed.recv_timeout(Duration::from_secs(60)))
+        .await
+        .expect("no panic");
+    assert!(
+        closed.is_ok(),
+        "dropping the sink did not return within 60 s"
+    );
+}
+
 #[tokio::test]
 async fn two_sinks_in_one_group_share_the_partitions() {
     let config = sink_config(&name("sink_group"));
@@ -672,29 +823,11 @@ async fn two_sinks_in_one_group_share_the_partitions() {
     )
     .await;
     produce(&topic, &events).await;
+    wait_applied_between(&first, &second, 60).await;
     let (a, b) = (Arc::clone(&first.stats), Arc::clone(&second.stats));
-    wait_for(
-        "both sinks to index everything between them",
-        Duration::from_secs(90),
-        || {
-            let done = a.indexed.load(Ordering::Relaxed)
-                + b.indexed.load(Ordering::Relaxed)
-                + a.stale.load(Ordering::Relaxed)
-                + b.stale.load(Ordering::Relaxed);
-            async move { (done >= 60).then_some(()) }
-        },
-    )
-    .await;
     first.stop().await.expect("clean stop");
     second.stop().await.expect("clean stop");
-    let client = search_client();
-    refresh(&client, &alias(&config)).await.unwrap();
-    assert_eq!(
-        walsync::sink::index::count(&client, &alias(&config))
-            .await
-            .unwrap(),
-        60
-    );
+    assert_eq!(documents(&config).await, 60);
     assert!(
         a.indexed.load(Ordering::Relaxed) > 0 && b.indexed.load(Ordering::Relaxed) > 0,
         "each sink applied part of the partitions: {a:?} {b:?}"

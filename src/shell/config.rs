@@ -201,7 +201,7 @@ pub struct SinkConfig {
     pub batch_max_docs: usize,
     pub batch_max_bytes: usize,
     pub linger_ms: u64,
-    /// Bulk requests in flight across partitions (one per partition at most).
+    /// Bulk requests in flight at once, across partitions (never more than one per partition).
     pub concurrency: usize,
     /// Dead letters per minute that trip the breaker.
     pub dlq_breaker_per_minute: u32,

@@ -1,18 +1,24 @@
 //! The sink's loop: consume events, apply them to the search server, commit offsets.
 //!
-//! One cycle: collect a batch (bounded by documents and bytes; what piled up meanwhile is taken
-//! at once, an idle sink lingers for company), split it by partition, apply the partitions in
-//! parallel — each partition's events in offset order, with at most one bulk request in flight
-//! per partition and its retried items finished before the partition moves on (design invariant
-//! 4) — then commit every partition's next offset (asynchronously; in order). Nothing
-//! is polled while a batch is applied, so a rebalance can only happen between batches: the work
-//! of a revoked partition is always finished, never abandoned, and an offset is committed only
-//! when everything before it is done or dead-lettered.
+//! Records go into per-partition queues (`sink::partitions`); each partition sends its oldest
+//! records as one bulk request as soon as it has none in flight — in offset order, at most one
+//! bulk per partition in flight, its retried items finished before the partition moves on
+//! (design invariant 4) — while the consumer keeps reading for the others, so a slow bulk holds
+//! back only its own partition. A partition's next offset is committed (asynchronously; in
+//! order) when its bulk is final. Records that pile up while bulks are in flight go at once; an
+//! idle sink lingers (`sink.linger_ms`) for company. `sink.concurrency` bounds the bulks in
+//! flight, and reading stops while the queues hold two batches' worth, so memory stays bounded.
+//!
+//! Rebalances: a revocation is not carried out inside the consumer's callback. The sink stops
+//! reading, forgets the revoked partitions' queued records (never applied nor committed: the next
+//! owner reads them again), waits for their bulks in flight, commits what they applied, and only
+//! then gives the partitions up. The work of a revoked partition is finished, never abandoned,
+//! and nobody else applies a partition while our bulk for it is still in flight.
 //!
 //! Retries (429, 5xx, timeouts, connection errors, blocks, closed or missing indices) go on with
-//! exponential backoff and jitter for as long as it takes; memory stays bounded because the
-//! consumer is not polled meanwhile. Only documents the server will never accept go to the
-//! dead-letter topic, and a burst of them trips a breaker that stops the sink instead.
+//! exponential backoff and jitter for as long as it takes; the partition's queue fills meanwhile
+//! and reading stops. Only documents the server will never accept go to the dead-letter topic,
+//! and a burst of them trips a breaker that stops the sink instead.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -23,14 +29,17 @@ use anyhow::{Context, bail};
 use elasticsearch::Elasticsearch;
 use elasticsearch::http::Method;
 use elasticsearch::http::headers::HeaderMap;
-use futures_util::FutureExt;
-use futures_util::future::join_all;
+use futures_util::StreamExt;
+use futures_util::future::{BoxFuture, FutureExt};
+use futures_util::stream::FuturesUnordered;
 use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol,
+    StreamConsumer,
 };
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 use serde_json::{Map, Value};
 use tokio::sync::{Mutex, watch};
@@ -42,7 +51,7 @@ use crate::kafka::topics;
 use crate::postgres::catalog::Catalog;
 use crate::postgres::replication::quote_identifier;
 use crate::postgres::types::Codec;
-use crate::shell::config::{Config, DeleteMode, SinkConfig, TableConfig};
+use crate::shell::config::{Config, DeleteMode, TableConfig};
 use crate::shell::health::HEALTH;
 use crate::shell::metrics::{self, SinkTableMetrics};
 use crate::sink::bulk::{
@@ -52,8 +61,9 @@ use crate::sink::document::{
     DELETED_PATH, DocumentShape, PARTITION_PATH, document_body, document_id, soft_tombstone_body,
 };
 use crate::sink::index::{self, IndexOverrides, alias_name, ensure_index};
+use crate::sink::partitions::{BatchLimits, PartitionKey, Partitions};
 
-/// How long a requested stop waits for the batch in hand.
+/// How long a requested stop waits for the bulks in flight.
 const STOP_GRACE: Duration = Duration::from_secs(10);
 
 /// Counters the sink keeps; metrics export reads them.
@@ -78,17 +88,105 @@ struct TableTarget {
 }
 
 /// Consumer context: checks every newly assigned partition for a gap (a committed offset that
-/// fell out of retention), which must stop the sink instead of silently skipping ahead.
-struct GapGuard {
+/// fell out of retention), which must stop the sink instead of silently skipping ahead, and,
+/// while the sink runs, defers revocations to its loop so that bulks in flight finish first.
+struct GroupContext {
     gap: std::sync::Mutex<Option<String>>,
+    /// Set while the sink's loop runs: it carries out revocations itself.
+    defer_revocations: std::sync::atomic::AtomicBool,
+    /// Partitions the group took back and the loop has not given up yet.
+    revoked: std::sync::Mutex<Option<TopicPartitionList>>,
+    /// Wakes the loop when a revocation arrives.
+    revocation_arrived: tokio::sync::Notify,
 }
 
-impl ClientContext for GapGuard {}
+impl GroupContext {
+    fn new() -> Self {
+        Self {
+            gap: std::sync::Mutex::new(None),
+            defer_revocations: std::sync::atomic::AtomicBool::new(false),
+            revoked: std::sync::Mutex::new(None),
+            revocation_arrived: tokio::sync::Notify::new(),
+        }
+    }
 
-impl ConsumerContext for GapGuard {
+    fn gap(&self) -> Option<String> {
+        self.gap.lock().ok().and_then(|gap| gap.clone())
+    }
+
+    /// The revocation waiting for the loop, if any.
+    fn pending_revocation(&self) -> Option<TopicPartitionList> {
+        self.revoked.lock().ok().and_then(|revoked| revoked.clone())
+    }
+
+    fn take_revocation(&self) -> Option<TopicPartitionList> {
+        self.revoked
+            .lock()
+            .ok()
+            .and_then(|mut revoked| revoked.take())
+    }
+}
+
+/// Gives revoked partitions up: all of them under the eager protocol, the listed ones under the
+/// cooperative one.
+fn unassign<C: ConsumerContext>(consumer: &impl Consumer<C>, revoked: &TopicPartitionList) {
+    let result = match consumer.rebalance_protocol() {
+        RebalanceProtocol::Cooperative => consumer.incremental_unassign(revoked),
+        _ => consumer.unassign(),
+    };
+    if let Err(error) = result {
+        tracing::warn!(%error, "cannot give up revoked partitions");
+    }
+}
+
+impl ClientContext for GroupContext {}
+
+impl ConsumerContext for GroupContext {
     fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
         if let Err(error) = result {
             warn_commit_failed(&error);
+        }
+    }
+
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        partitions: &mut TopicPartitionList,
+    ) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                let assigned = match consumer.rebalance_protocol() {
+                    RebalanceProtocol::Cooperative => consumer.incremental_assign(partitions),
+                    _ => consumer.assign(partitions),
+                };
+                if let Err(error) = assigned {
+                    tracing::warn!(%error, "cannot take the assigned partitions");
+                }
+                self.post_rebalance(consumer, &Rebalance::Assign(partitions));
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS
+                if self.defer_revocations.load(Ordering::Acquire) =>
+            {
+                // librdkafka waits for the unassign call, which need not come from here.
+                if let Ok(mut revoked) = self.revoked.lock() {
+                    match revoked.as_mut() {
+                        Some(pending) => {
+                            for element in partitions.elements() {
+                                pending.add_partition(element.topic(), element.partition());
+                            }
+                        }
+                        None => *revoked = Some(partitions.clone()),
+                    }
+                }
+                self.revocation_arrived.notify_one();
+            }
+            _ => {
+                if err != RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS {
+                    tracing::error!(error = ?err, "rebalance failed; giving the partitions up");
+                }
+                unassign(consumer, partitions);
+            }
         }
     }
 
@@ -135,7 +233,7 @@ impl ConsumerContext for GapGuard {
 pub struct Sink {
     config: Config,
     client: Elasticsearch,
-    consumer: StreamConsumer<GapGuard>,
+    consumer: StreamConsumer<GroupContext>,
     dead_letters: FutureProducer,
     dead_letter_topic: String,
     targets: Mutex<HashMap<(String, String), Arc<TableTarget>>>,
@@ -152,8 +250,20 @@ pub struct Sink {
     conflicts: std::sync::Mutex<ConflictRate>,
     /// The next offset of every partition whose events are all applied: committed once more,
     /// synchronously, when the sink stops, so no asynchronous commit is lost on the way out.
-    applied_offsets: std::sync::Mutex<HashMap<(String, i32), i64>>,
+    applied_offsets: std::sync::Mutex<HashMap<PartitionKey, i64>>,
     pub stats: Arc<SinkStats>,
+}
+
+impl Drop for Sink {
+    /// Closing the consumer revokes its partitions; with the loop gone (stopped, or its future
+    /// dropped), nobody would carry a deferred revocation out and the close would wait forever.
+    fn drop(&mut self) {
+        let context = self.consumer.context();
+        context.defer_revocations.store(false, Ordering::Release);
+        if let Some(revoked) = context.take_revocation() {
+            unassign(&self.consumer, &revoked);
+        }
+    }
 }
 
 impl Sink {
@@ -194,10 +304,8 @@ impl Sink {
             .set("max.poll.interval.ms", "86400000")
             .set("topic.metadata.refresh.interval.ms", "5000")
             .set("isolation.level", "read_committed");
-        let consumer: StreamConsumer<GapGuard> = consumer_config
-            .create_with_context(GapGuard {
-                gap: std::sync::Mutex::new(None),
-            })
+        let consumer: StreamConsumer<GroupContext> = consumer_config
+            .create_with_context(GroupContext::new())
             .context("cannot create the Kafka consumer")?;
         if config.sink.topics.is_empty() {
             let prefix = regex_escape(&topics::sanitize(&config.kafka.topic_prefix));
@@ -248,6 +356,12 @@ impl Sink {
             .map_or(0, |assignment| assignment.count())
     }
 
+    /// Whether the group has taken partitions back that this sink has not given up yet (their
+    /// bulks in flight are still running).
+    pub fn revocation_pending(&self) -> bool {
+        self.consumer.context().pending_revocation().is_some()
+    }
+
     /// The partitions this sink holds right now, as (topic, partition).
     pub fn assignment(&self) -> Vec<(String, i32)> {
         self.consumer.assignment().map_or_else(
@@ -262,49 +376,193 @@ impl Sink {
         )
     }
 
-    /// Runs until `stop` turns true (finishing the batch in hand) or an error an operator must
+    /// Runs until `stop` turns true (finishing the bulks in flight) or an error an operator must
     /// look at.
     pub async fn run(&self, mut stop: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let context = self.consumer.context();
+        context.defer_revocations.store(true, Ordering::Release);
+        let mut queues = Partitions::new(
+            BatchLimits {
+                max_docs: self.config.sink.batch_max_docs.max(1),
+                max_bytes: self.config.sink.batch_max_bytes.max(1),
+            },
+            Duration::from_millis(self.config.sink.linger_ms),
+        );
+        let mut in_flight = FuturesUnordered::new();
+        let result = self.pipeline(&mut stop, &mut queues, &mut in_flight).await;
+        if result.is_ok() {
+            self.finish_in_flight(&mut queues, &mut in_flight).await?;
+        }
+        context.defer_revocations.store(false, Ordering::Release);
+        self.commit_applied_offsets();
+        if let Some(revoked) = context.take_revocation() {
+            unassign(&self.consumer, &revoked);
+        }
+        tracing::info!("sink stopped");
+        result
+    }
+
+    /// Reads records into the partitions' queues and sends each partition's bulks, until `stop`.
+    async fn pipeline<'s>(
+        &'s self,
+        stop: &mut watch::Receiver<bool>,
+        queues: &mut Partitions<OwnedMessage>,
+        in_flight: &mut FuturesUnordered<BoxFuture<'s, Applied>>,
+    ) -> anyhow::Result<()> {
+        let context = self.consumer.context();
+        let concurrency = self.config.sink.concurrency.max(1);
+        // Two batches' worth waiting (one behind each bulk, roughly) is enough to keep every
+        // partition busy; beyond that, reading waits.
+        let queue_records = self.config.sink.batch_max_docs.max(1) * 2;
+        let queue_bytes = self.config.sink.batch_max_bytes.max(1) * 2;
+        let mut read_after: Option<tokio::time::Instant> = None;
         loop {
-            let batch = tokio::select! {
-                biased;
-                _ = stop.changed() => break,
-                batch = self.collect_batch() => batch?,
-            };
-            if let Some(gap) = self
-                .consumer
-                .context()
-                .gap
-                .lock()
-                .ok()
-                .and_then(|gap| gap.clone())
-            {
+            if let Some(gap) = context.gap() {
                 bail!("{gap}");
             }
-            if batch.is_empty() {
-                continue;
+            let revoking = self.carry_out_revocation(queues);
+            let slots = concurrency.saturating_sub(queues.in_flight());
+            for (partition, messages) in queues.take_ready(Instant::now(), slots) {
+                in_flight.push(self.apply_in_order(partition, messages).boxed());
             }
-            let apply = self.apply_batch(batch);
-            tokio::pin!(apply);
+            let next_due = (queues.in_flight() < concurrency)
+                .then(|| queues.next_due())
+                .flatten()
+                .map(tokio::time::Instant::from_std);
+            let read_pause = read_after.filter(|until| *until > tokio::time::Instant::now());
+            let reading = !revoking
+                && read_pause.is_none()
+                && queues.queued_records() < queue_records
+                && queues.queued_bytes() < queue_bytes;
             tokio::select! {
-                applied = &mut apply => applied?,
-                _ = stop.changed() => {
-                    // Let the batch finish if the search server is answering; during an outage
-                    // give up on it: its offsets are not committed, so it is applied again on
-                    // the next start (idempotent).
-                    match tokio::time::timeout(STOP_GRACE, &mut apply).await {
-                        Ok(applied) => applied?,
-                        Err(_) => tracing::warn!(
-                            "stopping with a batch the search server has not accepted yet; its offsets are not committed and it is applied again on the next start"
-                        ),
+                biased;
+                _ = stop.changed() => return Ok(()),
+                Some((partition, applied)) = in_flight.next(), if !in_flight.is_empty() => {
+                    self.applied(queues, &partition, applied)?;
+                }
+                _ = context.revocation_arrived.notified() => {}
+                received = self.consumer.recv(), if reading => match received {
+                    Ok(message) => {
+                        let message = message.detach();
+                        let bytes = message.payload().map_or(0, <[u8]>::len);
+                        let partition = (message.topic().to_owned(), message.partition());
+                        queues.push(partition, message, bytes, Instant::now());
                     }
+                    // Consumer errors are reports (a subscribed pattern that matches no topic
+                    // yet, a broker going away); librdkafka recovers by itself.
+                    Err(error) => {
+                        tracing::warn!(%error, "Kafka consumer reported an error; continuing");
+                        read_after = Some(tokio::time::Instant::now() + Duration::from_millis(500));
+                    }
+                },
+                _ = sleep_until_some(next_due), if next_due.is_some() => {}
+                _ = sleep_until_some(read_pause), if read_pause.is_some() => {}
+            }
+        }
+    }
+
+    /// On stop: lets the bulks in flight finish if the search server is answering; during an
+    /// outage it gives up on them: their offsets are not committed, so they are applied again on
+    /// the next start (idempotent).
+    async fn finish_in_flight<'s>(
+        &'s self,
+        queues: &mut Partitions<OwnedMessage>,
+        in_flight: &mut FuturesUnordered<BoxFuture<'s, Applied>>,
+    ) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + STOP_GRACE;
+        while !in_flight.is_empty() {
+            match tokio::time::timeout_at(deadline, in_flight.next()).await {
+                Ok(Some((partition, applied))) => self.applied(queues, &partition, applied)?,
+                Ok(None) => break,
+                Err(_) => {
+                    tracing::warn!(
+                        "stopping with bulks the search server has not accepted yet; their offsets are not committed and they are applied again on the next start"
+                    );
                     break;
                 }
             }
         }
-        self.commit_applied_offsets();
-        tracing::info!("sink stopped");
         Ok(())
+    }
+
+    /// Applies one partition's batch; the outcome carries the partition's next offset.
+    async fn apply_in_order(
+        &self,
+        partition: PartitionKey,
+        messages: Vec<OwnedMessage>,
+    ) -> Applied {
+        let next_offset = messages.last().map(|message| message.offset() + 1);
+        let result = self.apply_partition(&messages).await;
+        (partition, result.map(|()| next_offset))
+    }
+
+    /// A partition's bulk is final: its next records may go, and its offset is committed
+    /// (asynchronously: the loop need not wait for the broker, and commits reach it in order;
+    /// failures are reported by the context's commit callback).
+    fn applied(
+        &self,
+        queues: &mut Partitions<OwnedMessage>,
+        partition: &PartitionKey,
+        applied: anyhow::Result<Option<i64>>,
+    ) -> anyhow::Result<()> {
+        queues.finished(partition);
+        let Some(next_offset) = applied? else {
+            return Ok(());
+        };
+        self.commit(
+            std::iter::once((partition, &next_offset)),
+            CommitMode::Async,
+        )?;
+        if let Ok(mut applied_offsets) = self.applied_offsets.lock() {
+            applied_offsets.insert(partition.clone(), next_offset);
+        }
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Carries out a revocation once the revoked partitions have no bulk in flight: their queued
+    /// records are forgotten at once (never applied, never committed), what they applied is
+    /// committed, and only then are they given up. True while one is waiting for its bulks.
+    fn carry_out_revocation(&self, queues: &mut Partitions<OwnedMessage>) -> bool {
+        let context = self.consumer.context();
+        let Some(revoked) = context.pending_revocation() else {
+            return false;
+        };
+        let partitions: Vec<PartitionKey> = revoked
+            .elements()
+            .iter()
+            .map(|element| (element.topic().to_owned(), element.partition()))
+            .collect();
+        for partition in &partitions {
+            queues.discard(partition);
+        }
+        if partitions
+            .iter()
+            .any(|partition| queues.is_in_flight(partition))
+        {
+            return true;
+        }
+        let Some(revoked) = context.take_revocation() else {
+            return false;
+        };
+        if let Ok(mut applied) = self.applied_offsets.lock() {
+            let finished: HashMap<PartitionKey, i64> = partitions
+                .iter()
+                .filter_map(|partition| Some((partition.clone(), applied.remove(partition)?)))
+                .collect();
+            // A lost assignment already belongs to someone else: committing would only rewind it.
+            if !finished.is_empty() && !self.consumer.assignment_lost() {
+                if let Err(error) = self.commit(finished.iter(), CommitMode::Sync) {
+                    warn_commit_failed(&error);
+                }
+            }
+        }
+        unassign(&self.consumer, &revoked);
+        tracing::info!(
+            partitions = partitions.len(),
+            "gave revoked partitions up once their bulks in flight had finished"
+        );
+        false
     }
 
     /// Commits, and waits for, the offsets of everything applied.
@@ -323,7 +581,7 @@ impl Sink {
     /// by whoever holds the partition next), an offset librdkafka refuses to list is returned.
     fn commit<'o>(
         &self,
-        next_offsets: impl Iterator<Item = (&'o (String, i32), &'o i64)>,
+        next_offsets: impl Iterator<Item = (&'o PartitionKey, &'o i64)>,
         mode: CommitMode,
     ) -> KafkaResult<()> {
         let mut offsets = TopicPartitionList::new();
@@ -333,91 +591,6 @@ impl Sink {
         if let Err(error) = self.consumer.commit(&offsets, mode) {
             warn_commit_failed(&error);
         }
-        Ok(())
-    }
-
-    /// Waits for a first record, then gathers more until the batch is full. Records that piled
-    /// up while the previous batch was applied are taken as they are, without waiting: they
-    /// have waited long enough. A first record that had to be waited for gets company for at
-    /// most the linger time.
-    async fn collect_batch(&self) -> anyhow::Result<Vec<OwnedMessage>> {
-        let (first, linger_until) = match self.consumer.recv().now_or_never() {
-            Some(Ok(message)) => (message.detach(), None),
-            _ => {
-                let first = self.next_message().await;
-                let linger = Duration::from_millis(self.config.sink.linger_ms);
-                (first, Some(tokio::time::Instant::now() + linger))
-            }
-        };
-        let mut batch = Batch::new(&self.config.sink, first);
-        while !batch.is_full() {
-            let next = match linger_until {
-                None => self.consumer.recv().now_or_never(),
-                Some(deadline) => tokio::time::timeout_at(deadline, self.consumer.recv())
-                    .await
-                    .ok(),
-            };
-            match next {
-                Some(Ok(message)) => batch.push(message.detach()),
-                Some(Err(error)) => {
-                    tracing::warn!(%error, "Kafka consumer reported an error; continuing");
-                    break;
-                }
-                None => break,
-            }
-        }
-        Ok(batch.messages)
-    }
-
-    /// The next record, however long it takes.
-    async fn next_message(&self) -> OwnedMessage {
-        loop {
-            match self.consumer.recv().await {
-                Ok(message) => return message.detach(),
-                // Consumer errors are reports (a subscribed pattern that matches no topic yet, a
-                // broker going away); librdkafka recovers by itself.
-                Err(error) => {
-                    tracing::warn!(%error, "Kafka consumer reported an error; continuing");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
-        }
-    }
-
-    async fn apply_batch(&self, batch: Vec<OwnedMessage>) -> anyhow::Result<()> {
-        let mut partitions: Vec<((String, i32), Vec<OwnedMessage>)> = Vec::new();
-        for message in batch {
-            let key = (message.topic().to_owned(), message.partition());
-            match partitions.iter_mut().find(|(k, _)| *k == key) {
-                Some((_, messages)) => messages.push(message),
-                None => partitions.push((key, vec![message])),
-            }
-        }
-        let results = join_all(
-            partitions
-                .iter()
-                .map(|(_, messages)| self.apply_partition(messages)),
-        )
-        .await;
-        for result in results {
-            result?;
-        }
-        let next_offsets: Vec<((String, i32), i64)> = partitions
-            .into_iter()
-            .filter_map(|(key, messages)| Some((key, messages.last()?.offset() + 1)))
-            .collect();
-        // Asynchronous: the next batch need not wait for the broker, and commits still reach it
-        // in order. Failures are reported by the context's commit callback.
-        self.commit(
-            next_offsets
-                .iter()
-                .map(|(partition, offset)| (partition, offset)),
-            CommitMode::Async,
-        )?;
-        if let Ok(mut applied) = self.applied_offsets.lock() {
-            applied.extend(next_offsets);
-        }
-        self.stats.batches.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -1272,36 +1445,6 @@ impl Sink {
     }
 }
 
-/// Records being gathered for one cycle, bounded by documents and bytes.
-struct Batch {
-    messages: Vec<OwnedMessage>,
-    bytes: usize,
-    max_docs: usize,
-    max_bytes: usize,
-}
-
-impl Batch {
-    fn new(config: &SinkConfig, first: OwnedMessage) -> Self {
-        let mut batch = Self {
-            messages: Vec::with_capacity(config.batch_max_docs.min(4096)),
-            bytes: 0,
-            max_docs: config.batch_max_docs,
-            max_bytes: config.batch_max_bytes,
-        };
-        batch.push(first);
-        batch
-    }
-
-    fn push(&mut self, message: OwnedMessage) {
-        self.bytes += message.payload().map_or(0, <[u8]>::len);
-        self.messages.push(message);
-    }
-
-    fn is_full(&self) -> bool {
-        self.messages.len() >= self.max_docs || self.bytes >= self.max_bytes
-    }
-}
-
 /// One event of a partition on its way to a bulk action.
 struct Pending<'a> {
     message: &'a OwnedMessage,
@@ -1619,6 +1762,17 @@ async fn write_truncate_mark(
         );
     }
     Ok(())
+}
+
+/// A partition's finished bulk: the partition, and its next offset (`None` for an empty batch).
+type Applied = (PartitionKey, anyhow::Result<Option<i64>>);
+
+/// Sleeps until `deadline`; forever without one (the branch is disabled then anyway).
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// After a rebalance the partition may belong to another consumer, which re-applies from the

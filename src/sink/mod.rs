@@ -9,6 +9,8 @@
 //! - `document`: event → document id and body (pure).
 //! - `bulk`: NDJSON bulk bodies and per-item outcomes (pure).
 //! - `index`: indices, aliases, settings, mappings, the recorded system identifier.
+//! - `partitions`: per-partition queues and bulks in flight (pure).
+//! - `apply`: the loop that consumes, applies and commits.
 //! - `compare`: does an index equal its table?
 
 pub mod apply;
@@ -16,3 +18,4 @@ pub mod bulk;
 pub mod compare;
 pub mod document;
 pub mod index;
+pub mod partitions;
