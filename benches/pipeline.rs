@@ -263,6 +263,7 @@ async fn latency_bench(rate: u64, seconds: u64) {
     // Histograms count from here: the initial copy is not part of the figures.
     metrics.run_upkeep();
     let before_updates = metrics.render();
+    let cpu_before_updates = cpu_seconds();
 
     // Every row once, in transactions of `per_tick` rows every 10 ms.
     let writer = sql().await;
@@ -289,6 +290,8 @@ async fn latency_bench(rate: u64, seconds: u64) {
             .then_some(())
     })
     .await;
+    let update_seconds = started.elapsed().as_secs_f64();
+    let pipeline_cores = (cpu_seconds() - cpu_before_updates) / update_seconds;
     pipeline.stop().await;
     metrics.run_upkeep();
     let rendered = metrics.render();
@@ -303,6 +306,9 @@ async fn latency_bench(rate: u64, seconds: u64) {
         commit_to_indexed.at(0.99) * 1000.0,
         100.0 * commit_to_indexed.share_within(0.1),
         commit_to_indexed.total,
+    );
+    println!(
+        "  this process          {pipeline_cores:.2} cores (source, sink and the workload's writer)"
     );
     // Where the time goes: the source's Kafka delivery and the sink's bulk requests.
     for (what, metric) in [
