@@ -7,7 +7,8 @@
 //! back only its own partition. A partition's next offset is committed (asynchronously; in
 //! order) when its bulk is final. Records that pile up while bulks are in flight go at once; an
 //! idle sink lingers (`sink.linger_ms`) for company. `sink.concurrency` bounds the bulks in
-//! flight, and reading stops while the queues hold two batches' worth, so memory stays bounded.
+//! flight, and reading stops while the queues hold `sink.concurrency` batches' worth, so memory
+//! stays bounded.
 //!
 //! Rebalances: a revocation is not carried out inside the consumer's callback. The sink stops
 //! reading, forgets the revoked partitions' queued records (never applied nor committed: the next
@@ -37,7 +38,7 @@ use rdkafka::consumer::{
     StreamConsumer,
 };
 use rdkafka::error::{KafkaError, KafkaResult};
-use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
@@ -411,16 +412,32 @@ impl Sink {
     ) -> anyhow::Result<()> {
         let context = self.consumer.context();
         let concurrency = self.config.sink.concurrency.max(1);
-        // Two batches' worth waiting (one behind each bulk, roughly) is enough to keep every
-        // partition busy; beyond that, reading waits.
-        let queue_records = self.config.sink.batch_max_docs.max(1) * 2;
-        let queue_bytes = self.config.sink.batch_max_bytes.max(1) * 2;
+        // A batch's worth waiting behind every bulk that may be in flight keeps each partition's
+        // next bulk full; beyond that, reading waits (bounded memory).
+        let queue_records = self.config.sink.batch_max_docs.max(1) * concurrency;
+        let queue_bytes = self.config.sink.batch_max_bytes.max(1) * concurrency;
+        let has_room = |queues: &Partitions<OwnedMessage>| {
+            queues.queued_records() < queue_records && queues.queued_bytes() < queue_bytes
+        };
         let mut read_after: Option<tokio::time::Instant> = None;
         loop {
             if let Some(gap) = context.gap() {
                 bail!("{gap}");
             }
             let revoking = self.carry_out_revocation(queues);
+            let read_pause = read_after.filter(|until| *until > tokio::time::Instant::now());
+            if !revoking && read_pause.is_none() {
+                // What already waits in the consumer goes into the queues first, so that a
+                // partition's next bulk takes all it can.
+                while has_room(queues) {
+                    let Some(received) = self.consumer.recv().now_or_never() else {
+                        break;
+                    };
+                    if !self.receive(queues, received, &mut read_after) {
+                        break;
+                    }
+                }
+            }
             let slots = concurrency.saturating_sub(queues.in_flight());
             for (partition, messages) in queues.take_ready(Instant::now(), slots) {
                 in_flight.push(self.apply_in_order(partition, messages).boxed());
@@ -430,10 +447,7 @@ impl Sink {
                 .flatten()
                 .map(tokio::time::Instant::from_std);
             let read_pause = read_after.filter(|until| *until > tokio::time::Instant::now());
-            let reading = !revoking
-                && read_pause.is_none()
-                && queues.queued_records() < queue_records
-                && queues.queued_bytes() < queue_bytes;
+            let reading = !revoking && read_pause.is_none() && has_room(queues);
             tokio::select! {
                 biased;
                 _ = stop.changed() => return Ok(()),
@@ -441,22 +455,36 @@ impl Sink {
                     self.applied(queues, &partition, applied)?;
                 }
                 _ = context.revocation_arrived.notified() => {}
-                received = self.consumer.recv(), if reading => match received {
-                    Ok(message) => {
-                        let message = message.detach();
-                        let bytes = message.payload().map_or(0, <[u8]>::len);
-                        let partition = (message.topic().to_owned(), message.partition());
-                        queues.push(partition, message, bytes, Instant::now());
-                    }
-                    // Consumer errors are reports (a subscribed pattern that matches no topic
-                    // yet, a broker going away); librdkafka recovers by itself.
-                    Err(error) => {
-                        tracing::warn!(%error, "Kafka consumer reported an error; continuing");
-                        read_after = Some(tokio::time::Instant::now() + Duration::from_millis(500));
-                    }
-                },
+                received = self.consumer.recv(), if reading => {
+                    self.receive(queues, received, &mut read_after);
+                }
                 _ = sleep_until_some(next_due), if next_due.is_some() => {}
                 _ = sleep_until_some(read_pause), if read_pause.is_some() => {}
+            }
+        }
+    }
+
+    /// Queues a received record; false for a consumer error, after which reading pauses briefly.
+    fn receive(
+        &self,
+        queues: &mut Partitions<OwnedMessage>,
+        received: KafkaResult<BorrowedMessage<'_>>,
+        read_after: &mut Option<tokio::time::Instant>,
+    ) -> bool {
+        match received {
+            Ok(message) => {
+                let message = message.detach();
+                let bytes = message.payload().map_or(0, <[u8]>::len);
+                let partition = (message.topic().to_owned(), message.partition());
+                queues.push(partition, message, bytes, Instant::now());
+                true
+            }
+            // Consumer errors are reports (a subscribed pattern that matches no topic yet, a
+            // broker going away); librdkafka recovers by itself.
+            Err(error) => {
+                tracing::warn!(%error, "Kafka consumer reported an error; continuing");
+                *read_after = Some(tokio::time::Instant::now() + Duration::from_millis(500));
+                false
             }
         }
     }
