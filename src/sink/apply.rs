@@ -115,6 +115,11 @@ impl GroupContext {
         self.gap.lock().ok().and_then(|gap| gap.clone())
     }
 
+    /// Whether a revocation waits for the loop (without copying its list).
+    fn revocation_waiting(&self) -> bool {
+        self.revoked.lock().is_ok_and(|revoked| revoked.is_some())
+    }
+
     /// The revocation waiting for the loop, if any.
     fn pending_revocation(&self) -> Option<TopicPartitionList> {
         self.revoked.lock().ok().and_then(|revoked| revoked.clone())
@@ -259,11 +264,7 @@ impl Drop for Sink {
     /// Closing the consumer revokes its partitions; with the loop gone (stopped, or its future
     /// dropped), nobody would carry a deferred revocation out and the close would wait forever.
     fn drop(&mut self) {
-        let context = self.consumer.context();
-        context.defer_revocations.store(false, Ordering::Release);
-        if let Some(revoked) = context.take_revocation() {
-            unassign(&self.consumer, &revoked);
-        }
+        self.stop_deferring_revocations();
     }
 }
 
@@ -360,7 +361,17 @@ impl Sink {
     /// Whether the group has taken partitions back that this sink has not given up yet (their
     /// bulks in flight are still running).
     pub fn revocation_pending(&self) -> bool {
-        self.consumer.context().pending_revocation().is_some()
+        self.consumer.context().revocation_waiting()
+    }
+
+    /// From here on revocations are carried out in the consumer's callback; one the loop left
+    /// behind is carried out now.
+    fn stop_deferring_revocations(&self) {
+        let context = self.consumer.context();
+        context.defer_revocations.store(false, Ordering::Release);
+        if let Some(revoked) = context.take_revocation() {
+            unassign(&self.consumer, &revoked);
+        }
     }
 
     /// The partitions this sink holds right now, as (topic, partition).
@@ -394,11 +405,8 @@ impl Sink {
         if result.is_ok() {
             self.finish_in_flight(&mut queues, &mut in_flight).await?;
         }
-        context.defer_revocations.store(false, Ordering::Release);
         self.commit_applied_offsets();
-        if let Some(revoked) = context.take_revocation() {
-            unassign(&self.consumer, &revoked);
-        }
+        self.stop_deferring_revocations();
         tracing::info!("sink stopped");
         result
     }
@@ -429,13 +437,17 @@ impl Sink {
             if !revoking && read_pause.is_none() {
                 // What already waits in the consumer goes into the queues first, so that a
                 // partition's next bulk takes all it can.
-                while has_room(queues) {
+                while has_room(queues) && !context.revocation_waiting() {
                     let Some(received) = self.consumer.recv().now_or_never() else {
                         break;
                     };
                     if !self.receive(queues, received, &mut read_after) {
                         break;
                     }
+                }
+                if context.revocation_waiting() {
+                    // Arrived while draining: carried out before any new bulk is sent.
+                    continue;
                 }
             }
             let slots = concurrency.saturating_sub(queues.in_flight());
