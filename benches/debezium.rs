@@ -19,6 +19,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "common/workload.rs"]
+mod workload;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -26,18 +28,12 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use common::kafka::try_topic_size;
-use common::process::Walsync;
+use common::process::{Walsync, peak_rss_bytes};
 use common::source::wait_streaming;
 use common::{admin_client, stack, wait_for};
+use workload::{create_table, env_or, insert_rows};
 
 const DATABASE: &str = "walsync_bench";
-
-fn env_or(key: &str, default: u64) -> u64 {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// What one contender did with the measured transaction.
 struct Figures {
@@ -70,24 +66,6 @@ fn process_cpu_seconds(pid: u32) -> f64 {
     // SAFETY: sysconf has no preconditions.
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
     ticks as f64 / per_second
-}
-
-fn peak_rss_bytes(pid: u32) -> u64 {
-    let status =
-        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/<pid>/status");
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmHWM:"))
-        .and_then(|value| {
-            value
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .expect("VmHWM in /proc/<pid>/status")
-        * 1024
 }
 
 /// The stack's PostgreSQL URL with the bench database in place of its own.
@@ -126,29 +104,6 @@ async fn recreate_database() {
             .await
             .expect("recreate the bench database");
     }
-}
-
-async fn create_table(client: &tokio_postgres::Client, table: &str) {
-    client
-        .batch_execute(&format!(
-            "CREATE TABLE {table} (id bigint PRIMARY KEY, name text NOT NULL, price numeric(10,2) NOT NULL, \
-             stock int NOT NULL, description text NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())"
-        ))
-        .await
-        .expect("create the bench table");
-}
-
-/// One transaction inserting ids `first..first + rows`.
-async fn insert_rows(client: &tokio_postgres::Client, table: &str, first: u64, rows: u64) {
-    client
-        .batch_execute(&format!(
-            "INSERT INTO {table} (id, name, price, stock, description)
-             SELECT g, 'product ' || g, (g % 10000) / 100.0, g % 500, repeat(md5(g::text), 4)
-             FROM generate_series({first}, {}) g",
-            first + rows - 1
-        ))
-        .await
-        .expect("insert the bench rows");
 }
 
 async fn wait_topic_holds(topic: &str, records: u64) {

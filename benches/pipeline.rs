@@ -16,6 +16,8 @@
 
 #[path = "../tests/common/mod.rs"]
 mod common;
+#[path = "common/workload.rs"]
+mod workload;
 
 use std::time::{Duration, Instant};
 
@@ -30,13 +32,7 @@ use tokio::sync::watch;
 use walsync::shell::config::{Config, SnapshotMode};
 use walsync::sink::apply::Sink;
 use walsync::sink::index::{count, refresh};
-
-fn env_or(key: &str, default: u64) -> u64 {
-    std::env::var(key)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+use workload::{create_table, env_or, insert_rows};
 
 fn cpu_seconds() -> f64 {
     // SAFETY: getrusage writes into the struct we own.
@@ -44,30 +40,6 @@ fn cpu_seconds() -> f64 {
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
     let seconds = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     seconds(usage.ru_utime) + seconds(usage.ru_stime)
-}
-
-const TABLE_SQL: &str = "(id bigint PRIMARY KEY, name text NOT NULL, price numeric(10,2) NOT NULL, \
-     stock int NOT NULL, description text NOT NULL, updated_at timestamptz NOT NULL DEFAULT now())";
-
-async fn create_table(table: &str) {
-    sql()
-        .await
-        .batch_execute(&format!("CREATE TABLE {table} {TABLE_SQL}"))
-        .await
-        .expect("create the bench table");
-}
-
-async fn insert_rows(table: &str, rows: u64) {
-    sql()
-        .await
-        .batch_execute(&format!(
-            "INSERT INTO {table} (id, name, price, stock, description)
-             SELECT g, 'product ' || g, (g % 10000) / 100.0, g % 500,
-                    repeat(md5(g::text), 4)
-             FROM generate_series(1, {rows}) g"
-        ))
-        .await
-        .expect("insert the bench rows");
 }
 
 async fn wait_indexed(client: &Elasticsearch, alias: &str, expected: u64, deadline: Duration) {
@@ -105,13 +77,13 @@ async fn main() {
 async fn source_bench(rows: u64) -> Config {
     let name = name("bench_src");
     let table = format!("public.{name}");
-    create_table(&table).await;
+    create_table(&sql().await, &table).await;
     let mut config = pipeline_config(&name, &[&table]);
     config.snapshot.mode = SnapshotMode::Never;
     let source = RunningSource::start(config_for(&name, &[&table])).await;
     let topic = format!("{name}.public.{name}");
     let cpu_before = cpu_seconds();
-    insert_rows(&table, rows).await;
+    insert_rows(&sql().await, &table, 1, rows).await;
     let committed = Instant::now();
     wait_for(
         "every event acknowledged by Kafka",
@@ -253,8 +225,9 @@ async fn latency_bench(rate: u64, seconds: u64) {
     let name = name("bench_e2e");
     let table = format!("public.{name}");
     let changes = rate * seconds;
-    create_table(&table).await;
-    insert_rows(&table, changes).await;
+    let client = sql().await;
+    create_table(&client, &table).await;
+    insert_rows(&client, &table, 1, changes).await;
     let client = search_client();
     let config = pipeline_config(&name, &[&table]);
     let alias = alias_of(&config, "public", &name);

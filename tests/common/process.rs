@@ -66,6 +66,18 @@ group_id = "{name}-sink"
     )
 }
 
+/// The peak resident set size of process `pid` so far, from /proc (`VmHWM`), in bytes.
+pub fn peak_rss_bytes(pid: u32) -> u64 {
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/<pid>/status");
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM in /proc/<pid>/status");
+    kib * 1024
+}
+
 /// A spawned `walsync` process; killed when dropped.
 pub struct Walsync {
     pub child: Child,
@@ -112,16 +124,9 @@ impl Walsync {
         self.child.id()
     }
 
-    /// The peak resident set size so far, from /proc (`VmHWM`), in bytes.
+    /// The peak resident set size so far, in bytes.
     pub fn peak_rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .expect("read /proc/<pid>/status");
-        let kib: u64 = status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmHWM:"))
-            .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM in /proc/<pid>/status");
-        kib * 1024
+        peak_rss_bytes(self.pid())
     }
 
     pub fn kill_9(&mut self) {
