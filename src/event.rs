@@ -19,6 +19,8 @@
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use serde_json::value::RawValue;
+
 use crate::postgres::lsn::Lsn;
 use crate::postgres::pgoutput::{Relation, TupleValue};
 use crate::postgres::types::{Codec, CodecError};
@@ -733,11 +735,124 @@ mod tests {
     }
 }
 
-/// The envelope as a consumer reads it back: what the sink needs from a record's value.
+/// A row image as it travelled: every column's JSON value exactly as the source wrote it, in
+/// the source's column order. Values are never parsed, so a number keeps every digit and a
+/// `jsonb` value its exact text (design invariant 8).
+#[derive(Debug, Clone, Default)]
+pub struct RawRow(Vec<(String, Box<RawValue>)>);
+
+impl RawRow {
+    /// The value of `column`, if it travelled.
+    pub fn get(&self, column: &str) -> Option<&RawValue> {
+        self.0
+            .iter()
+            .find(|(name, _)| name == column)
+            .map(|(_, value)| &**value)
+    }
+
+    /// Sets `column` to `value`, replacing a value it already has.
+    pub fn insert(&mut self, column: String, value: Box<RawValue>) {
+        match self.0.iter_mut().find(|(name, _)| *name == column) {
+            Some((_, slot)) => *slot = value,
+            None => self.0.push((column, value)),
+        }
+    }
+
+    /// Removes `column`; true when it was there.
+    pub fn remove(&mut self, column: &str) -> bool {
+        let before = self.0.len();
+        self.0.retain(|(name, _)| name != column);
+        self.0.len() != before
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &RawValue)> {
+        self.0.iter().map(|(name, value)| (name.as_str(), &**value))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The row as one JSON object, values byte for byte.
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut out =
+            Vec::with_capacity(64 + self.0.iter().map(|(_, v)| v.get().len() + 8).sum::<usize>());
+        out.push(b'{');
+        for (position, (name, value)) in self.0.iter().enumerate() {
+            if position > 0 {
+                out.push(b',');
+            }
+            write_json_string(&mut out, name);
+            out.push(b':');
+            out.extend_from_slice(value.get().as_bytes());
+        }
+        out.push(b'}');
+        out
+    }
+}
+
+impl FromIterator<(String, Box<RawValue>)> for RawRow {
+    fn from_iter<I: IntoIterator<Item = (String, Box<RawValue>)>>(iter: I) -> Self {
+        let mut row = RawRow::default();
+        for (column, value) in iter {
+            row.insert(column, value);
+        }
+        row
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for RawRow {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct RowVisitor;
+        impl<'de> serde::de::Visitor<'de> for RowVisitor {
+            type Value = RawRow;
+            fn expecting(&self, formatter: &mut std::fmt::Formatter) -> std::fmt::Result {
+                formatter.write_str("a row image (a JSON object of column values)")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<RawRow, A::Error> {
+                let mut columns = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some((name, value)) = map.next_entry::<String, Box<RawValue>>()? {
+                    columns.push((name, value));
+                }
+                Ok(RawRow(columns))
+            }
+        }
+        deserializer.deserialize_map(RowVisitor)
+    }
+}
+
+impl PartialEq for RawRow {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.len() == other.0.len()
+            && self
+                .0
+                .iter()
+                .zip(&other.0)
+                .all(|((a, x), (b, y))| a == b && x.get() == y.get())
+    }
+}
+
+/// A JSON text as a raw value, for values produced by walsync's own codec (always valid JSON).
+pub fn raw_value(json: Vec<u8>) -> Result<Box<RawValue>, serde_json::Error> {
+    let text = String::from_utf8(json).map_err(|error| {
+        <serde_json::Error as serde::de::Error>::custom(format!("not UTF-8: {error}"))
+    })?;
+    RawValue::from_string(text)
+}
+
+/// The envelope as a consumer reads it back: what the sink needs from a record's value. Row
+/// images stay raw JSON ([`RawRow`]).
 #[derive(Debug, Clone, PartialEq, serde::Deserialize)]
 pub struct Envelope {
-    pub before: Option<serde_json::Map<String, serde_json::Value>>,
-    pub after: Option<serde_json::Map<String, serde_json::Value>>,
+    pub before: Option<RawRow>,
+    pub after: Option<RawRow>,
     pub op: EnvelopeOp,
     pub source: EnvelopeSource,
     /// Columns whose value did not travel (unchanged TOAST); absent from `after`.
@@ -775,6 +890,9 @@ impl EnvelopeOp {
 /// The `source` block as a consumer reads it back.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
 pub struct EnvelopeSource {
+    /// `kafka.topic_prefix` of the source that wrote it.
+    #[serde(default)]
+    pub name: String,
     pub schema: String,
     pub table: String,
     #[serde(rename = "txId")]
@@ -796,6 +914,11 @@ impl Envelope {
     pub fn parse(value: &[u8]) -> Result<Self, serde_json::Error> {
         serde_json::from_slice(value)
     }
+
+    /// Whether this is a snapshot row (`op: "r"`), versioned below its copy's consistent point.
+    pub fn is_snapshot_row(&self) -> bool {
+        self.op == EnvelopeOp::Read
+    }
 }
 
 #[cfg(test)]
@@ -811,7 +934,40 @@ mod envelope_tests {
         let envelope = Envelope::parse(value).unwrap();
         assert_eq!(envelope.op, EnvelopeOp::Update);
         assert_eq!(envelope.source.commit_lsn, 200);
+        assert_eq!(envelope.source.name, "p");
         assert_eq!(envelope.unchanged_toast_columns, ["big"]);
-        assert_eq!(envelope.after.unwrap()["note"], "x");
+        assert_eq!(envelope.after.unwrap().get("note").unwrap().get(), "\"x\"");
+    }
+
+    #[test]
+    fn row_values_keep_every_digit_and_byte() {
+        let value = br#"{"before":null,"after":{"f":0.9407462388099621,"j":{"n": 0.90372028726197960001, "w": 1.50},"big":123456789012345678901234567890,"s":"a\u00e9\"b"},"op":"c","ts_ms":5,
+            "source":{"schema":"public","table":"t","txId":7,"lsn":100,"commit_lsn":200,"ts_ms":4,
+            "snapshot":"false","system_id":"73","timeline":1}}"#;
+        let after = Envelope::parse(value).unwrap().after.unwrap();
+        assert_eq!(after.get("f").unwrap().get(), "0.9407462388099621");
+        assert_eq!(
+            after.get("j").unwrap().get(),
+            r#"{"n": 0.90372028726197960001, "w": 1.50}"#
+        );
+        assert_eq!(
+            after.get("big").unwrap().get(),
+            "123456789012345678901234567890"
+        );
+        assert_eq!(
+            String::from_utf8(after.to_json()).unwrap(),
+            r#"{"f":0.9407462388099621,"j":{"n": 0.90372028726197960001, "w": 1.50},"big":123456789012345678901234567890,"s":"a\u00e9\"b"}"#
+        );
+    }
+
+    #[test]
+    fn a_filled_value_replaces_or_joins_the_row() {
+        let mut row: RawRow = serde_json::from_str(r#"{"a":1,"b":2}"#).unwrap();
+        row.insert("b".into(), raw_value(b"3.10".to_vec()).unwrap());
+        row.insert("c".into(), raw_value(b"null".to_vec()).unwrap());
+        assert_eq!(row.to_json(), br#"{"a":1,"b":3.10,"c":null}"#);
+        assert!(row.remove("a"));
+        assert!(!row.remove("a"));
+        assert_eq!(row.len(), 2);
     }
 }

@@ -359,8 +359,7 @@ fn is_transient(error: &anyhow::Error) -> bool {
 }
 
 fn postgres_is_transient(error: &tokio_postgres::Error) -> bool {
-    let code = error.code().map(|code| code.code()).unwrap_or("");
-    error.is_closed() || code.starts_with("08") || code.starts_with("57P") || code.starts_with("53")
+    crate::postgres::is_transient(error)
 }
 
 /// Starts the copy of the tables whose initial copy is not complete (all of them again with

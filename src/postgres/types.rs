@@ -208,6 +208,112 @@ impl Codec {
         }
     }
 
+    /// The PostgreSQL input text of a JSON value this codec wrote for type `type_oid`: the
+    /// inverse of [`Codec::write_json`], for binding a record key's values as parameters (the
+    /// sink's TOAST re-read). `Ok(None)` is SQL NULL. The text reads back, through the type's
+    /// input function, as the value that was written: strings are PostgreSQL's text form,
+    /// numbers keep their digits, base64 becomes `\x` hex, ISO years become ` BC` where
+    /// needed, and JSON arrays become array literals with every element quoted.
+    pub fn postgres_text(&self, type_oid: u32, json: &str) -> Result<Option<String>, CodecError> {
+        let value: serde_json::Value = serde_json::from_str(json)
+            .map_err(|_| malformed(type_oid, "JSON value", "not valid JSON"))?;
+        if value.is_null() {
+            return Ok(None);
+        }
+        self.text_of(type_oid, json, &value, 0).map(Some)
+    }
+
+    fn text_of(
+        &self,
+        type_oid: u32,
+        raw: &str,
+        value: &serde_json::Value,
+        nesting: usize,
+    ) -> Result<String, CodecError> {
+        use serde_json::Value;
+        if nesting > MAX_TYPE_NESTING {
+            return Err(CodecError::NestedTooDeep {
+                type_oid,
+                limit: MAX_TYPE_NESTING,
+            });
+        }
+        match (self.resolve(type_oid)?, value) {
+            (Shape::Array { element_oid, .. }, Value::Array(_)) => {
+                let mut literal = String::new();
+                self.array_literal(&mut literal, element_oid, raw, nesting)?;
+                Ok(literal)
+            }
+            (Shape::Scalar(Scalar::Bytea), Value::String(base64)) => {
+                let bytes = BASE64
+                    .decode(base64)
+                    .map_err(|_| malformed(type_oid, "base64", "not standard padded base64"))?;
+                let mut hex = String::with_capacity(2 + bytes.len() * 2);
+                hex.push_str("\\x");
+                for byte in bytes {
+                    use std::fmt::Write as _;
+                    let _ = write!(hex, "{byte:02x}");
+                }
+                Ok(hex)
+            }
+            (
+                Shape::Scalar(Scalar::Date | Scalar::Timestamp | Scalar::TimestampTz),
+                Value::String(iso),
+            ) => Ok(iso_to_postgres(iso)),
+            (Shape::Scalar(Scalar::Json), _) => Ok(raw.trim().to_owned()),
+            (_, Value::String(text)) => Ok(text.clone()),
+            (_, Value::Bool(flag)) => Ok(if *flag { "t" } else { "f" }.to_owned()),
+            // Numbers keep the digits the source printed.
+            (_, Value::Number(_)) => Ok(raw.trim().to_owned()),
+            _ => Err(malformed(
+                type_oid,
+                "JSON value",
+                "a value of another shape than this type's",
+            )),
+        }
+    }
+
+    /// Appends the array literal of the JSON array `raw` (elements of type `element_oid`).
+    fn array_literal(
+        &self,
+        out: &mut String,
+        element_oid: u32,
+        raw: &str,
+        nesting: usize,
+    ) -> Result<(), CodecError> {
+        let elements: Vec<&serde_json::value::RawValue> = serde_json::from_str(raw)
+            .map_err(|_| malformed(element_oid, "JSON array", "not valid JSON"))?;
+        out.push('{');
+        for (position, element) in elements.iter().enumerate() {
+            if position > 0 {
+                out.push(',');
+            }
+            let value: serde_json::Value = serde_json::from_str(element.get())
+                .map_err(|_| malformed(element_oid, "JSON value", "not valid JSON"))?;
+            match &value {
+                serde_json::Value::Null => out.push_str("NULL"),
+                // A deeper dimension, unless the element type is itself an array type.
+                serde_json::Value::Array(_)
+                    if !matches!(self.resolve(element_oid)?, Shape::Array { .. }) =>
+                {
+                    self.array_literal(out, element_oid, element.get(), nesting + 1)?
+                }
+                _ => {
+                    let text = self.text_of(element_oid, element.get(), &value, nesting + 1)?;
+                    out.push('"');
+                    for character in text.chars() {
+                        if matches!(character, '"' | '\\') {
+                            out.push('\\');
+                        }
+                        out.push(character);
+                    }
+                    out.push('"');
+                }
+            }
+        }
+        out.push('}');
+        Ok(())
+    }
+
     /// Follow domains down to a built-in or registered shape; unknown types are strings.
     fn resolve(&self, type_oid: u32) -> Result<Shape, CodecError> {
         let mut current = type_oid;
@@ -959,6 +1065,33 @@ impl<'a> IsoDate<'a> {
         out.extend_from_slice(self.month_and_day);
         Ok(())
     }
+}
+
+/// An ISO 8601 date or timestamp the codec wrote, back in PostgreSQL's own output form (which
+/// its input reads): `T` becomes a space, `Z` becomes `+00`, astronomical years at or below 0
+/// become ` BC` years (0000 is 1 BC, -0043 is 44 BC), and a leading `+` goes.
+fn iso_to_postgres(iso: &str) -> String {
+    let iso = iso.replacen('T', " ", 1);
+    let iso = match iso.strip_suffix('Z') {
+        Some(utc) => format!("{utc}+00"),
+        None => iso,
+    };
+    let iso = iso.as_str();
+    let (negative, rest) = match iso.as_bytes().first() {
+        Some(b'-') if iso != "-infinity" => (true, &iso[1..]),
+        Some(b'+') => (false, &iso[1..]),
+        _ => (false, iso),
+    };
+    let year_digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    let Ok(year) = rest[..year_digits].parse::<u32>() else {
+        return iso.to_owned();
+    };
+    if !negative && year > 0 {
+        return rest.to_owned();
+    }
+    // Astronomical year 0 is 1 BC, -N is N + 1 BC.
+    let bc_year = if negative { year + 1 } else { 1 };
+    format!("{bc_year:04}{} BC", &rest[year_digits..])
 }
 
 fn push_padded_decimal(out: &mut Vec<u8>, value: u32, width: usize) {
@@ -1926,5 +2059,56 @@ mod tests {
                 Err(_) => prop_assert_eq!(&out, b"x"),
             }
         }
+    }
+
+    #[test]
+    fn postgres_text_inverts_write_json_for_key_types() {
+        let codec = Codec::new(CodecOptions::default());
+        let cases: &[(u32, &str)] = &[
+            (20, "9223372036854775807"),
+            (701, "0.9407462388099621"),
+            (701, "NaN"),
+            (1700, "12345678901234567890.123456789012345678901"),
+            (25, "qu\"ote\\back"),
+            (16, "t"),
+            (17, "\\x10ff00"),
+            (2950, "550e8400-e29b-41d4-a716-446655440000"),
+            (1082, "2024-01-02"),
+            (1082, "0044-03-15 BC"),
+            (1082, "0001-01-01 BC"),
+            (1114, "2024-01-02 03:04:05.123456"),
+            (1184, "2024-01-02 01:04:05.123456+00"),
+            (1007, "{1,NULL,3}"),
+            (1009, "{\"a b\",\"c\\\"d\",NULL}"),
+            (1001, "{\"\\\\x01\",\"\\\\x\"}"),
+            (3802, "{\"n\": 1.50}"),
+        ];
+        for (oid, text) in cases {
+            let mut json = Vec::new();
+            codec.write_json(&mut json, *oid, text.as_bytes()).unwrap();
+            let json = String::from_utf8(json).unwrap();
+            let back = codec.postgres_text(*oid, &json).unwrap().unwrap();
+            let mut again = Vec::new();
+            codec
+                .write_json(&mut again, *oid, back.as_bytes())
+                .unwrap_or_else(|error| panic!("{oid} {text:?} → {json} → {back:?}: {error}"));
+            assert_eq!(
+                String::from_utf8(again).unwrap(),
+                json,
+                "{oid} {text:?} → {back:?}"
+            );
+        }
+        assert_eq!(
+            codec.postgres_text(17, "\"EP8A\"").unwrap().unwrap(),
+            "\\x10ff00"
+        );
+        assert_eq!(
+            codec
+                .postgres_text(1082, "\"-0043-03-15\"")
+                .unwrap()
+                .unwrap(),
+            "0044-03-15 BC"
+        );
+        assert_eq!(codec.postgres_text(25, "null").unwrap(), None);
     }
 }

@@ -40,6 +40,7 @@ pub const SINK_COMMIT_TO_INDEXED_SECONDS: &str = "walsync_sink_commit_to_indexed
 pub const SINK_RETRIES: &str = "walsync_sink_retries_total";
 pub const SINK_DEAD_LETTERS: &str = "walsync_sink_dead_letters_total";
 pub const SINK_BREAKER_OPEN: &str = "walsync_sink_breaker_open";
+pub const SINK_TOAST_REREADS: &str = "walsync_sink_toast_rereads_total";
 // The process.
 pub const READY: &str = "walsync_ready";
 pub const BUILD_INFO: &str = "walsync_build_info";
@@ -66,6 +67,7 @@ pub const ALL: &[&str] = &[
     SINK_RETRIES,
     SINK_DEAD_LETTERS,
     SINK_BREAKER_OPEN,
+    SINK_TOAST_REREADS,
     READY,
     BUILD_INFO,
 ];
@@ -211,6 +213,11 @@ pub fn describe() {
         SINK_BREAKER_OPEN,
         Unit::Count,
         "1 when the dead-letter breaker tripped (the sink stops), else 0"
+    );
+    describe_counter!(
+        SINK_TOAST_REREADS,
+        Unit::Count,
+        "Rows re-read from PostgreSQL to fill unchanged TOAST values that neither the batch nor the stored document could give"
     );
     describe_gauge!(READY, Unit::Count, "1 when /readyz answers 200, else 0");
     describe_gauge!(
@@ -399,6 +406,7 @@ mod tests {
             SINK_VERSION_CONFLICTS,
             SINK_RETRIES,
             SINK_DEAD_LETTERS,
+            SINK_TOAST_REREADS,
         ] {
             assert!(counter.ends_with("_total"), "{counter}");
         }

@@ -37,21 +37,20 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol,
     StreamConsumer,
 };
-use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use tokio::sync::{Mutex, watch};
 
 use crate::event::{Envelope, EnvelopeOp};
 use crate::kafka::control::{CONTROL_HEADER, CopyCompleted, RecordKind};
 use crate::kafka::producer::client_config;
 use crate::kafka::topics;
-use crate::postgres::catalog::Catalog;
-use crate::postgres::replication::quote_identifier;
-use crate::postgres::types::Codec;
+use crate::postgres::row_reader::PostgresRowReader;
+use crate::postgres::types::CodecOptions;
 use crate::shell::config::{Config, DeleteMode, TableConfig};
 use crate::shell::health::HEALTH;
 use crate::shell::metrics::{self, SinkTableMetrics};
@@ -59,10 +58,15 @@ use crate::sink::bulk::{
     ActionKind, BulkAction, BulkFailure, BulkRequest, ItemOutcome, RetryCause, classify_response,
 };
 use crate::sink::document::{
-    DELETED_PATH, DocumentShape, PARTITION_PATH, document_body, document_id, soft_tombstone_body,
+    DELETED_PATH, DocumentShape, PARTITION_PATH, document_body, document_id, parse_key,
+    soft_tombstone_body,
 };
 use crate::sink::index::{self, IndexOverrides, alias_name, ensure_index};
 use crate::sink::partitions::{BatchLimits, PartitionKey, Partitions};
+use crate::sink::routing::{Routes, TableName};
+use crate::sink::toast::{
+    self, BatchEvent, EventKind, FillPlan, RowRead, RowSource, RowSourceError, StoredDocument,
+};
 
 /// How long a requested stop waits for the bulks in flight.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -83,9 +87,13 @@ pub struct SinkStats {
 
 /// Where one table's events go, and how they are shaped.
 struct TableTarget {
+    /// The table its topic belongs to.
+    table: TableName,
     alias: String,
     shape: DocumentShape,
     metrics: SinkTableMetrics,
+    /// The PostgreSQL cluster the index was built from: every record must come from it.
+    system_id: String,
 }
 
 /// Consumer context: checks every newly assigned partition for a gap (a committed offset that
@@ -133,6 +141,98 @@ impl GroupContext {
     }
 }
 
+/// Sets every assigned partition's start explicitly: its committed offset, or the earliest
+/// offset for a partition the group never committed (design invariant 9: the start of a new
+/// group is a decision, not `auto.offset.reset`, which is `error` so that no offset out of range
+/// is ever skipped). The committed offsets are read again until the broker answers: assigning
+/// without them would let librdkafka fall back to the reset policy.
+fn start_uncommitted_at_the_beginning<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    partitions: &mut TopicPartitionList,
+) {
+    let mut committed = None;
+    for attempt in 1..=10 {
+        match consumer.committed_offsets(partitions.clone(), Duration::from_secs(10)) {
+            Ok(offsets) => {
+                committed = Some(offsets);
+                break;
+            }
+            Err(error) => {
+                tracing::warn!(%error, attempt, "cannot read the group's committed offsets yet; retrying");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
+    let Some(committed) = committed else {
+        tracing::error!(
+            "cannot read the group's committed offsets; partitions without one will stop the sink with an offset error"
+        );
+        return;
+    };
+    for element in committed.elements() {
+        let start = match element.offset() {
+            Offset::Offset(offset) => Offset::Offset(offset),
+            _ => Offset::Beginning,
+        };
+        if let Err(error) =
+            partitions.set_partition_offset(element.topic(), element.partition(), start)
+        {
+            tracing::warn!(%error, topic = element.topic(), partition = element.partition(), "cannot set a partition's start");
+        }
+    }
+}
+
+/// The partitions whose next offset to read is no longer in Kafka, as a message naming topic,
+/// partition, the offset expected and the log start, with the fix. `None` when none is (the
+/// records came back meanwhile, or the broker cannot be asked).
+fn describe_gaps<C: ConsumerContext>(consumer: &impl Consumer<C>) -> Option<String> {
+    let positions = consumer.position().ok()?;
+    let committed = consumer
+        .committed_offsets(positions.clone(), Duration::from_secs(10))
+        .ok();
+    let mut gaps = Vec::new();
+    for element in positions.elements() {
+        let expected = match element.offset() {
+            Offset::Offset(offset) => Some(offset),
+            _ => committed.as_ref().and_then(|committed| {
+                match committed
+                    .find_partition(element.topic(), element.partition())?
+                    .offset()
+                {
+                    Offset::Offset(offset) => Some(offset),
+                    _ => None,
+                }
+            }),
+        };
+        let Some(expected) = expected else { continue };
+        let Ok((low, _)) = consumer.fetch_watermarks(
+            element.topic(),
+            element.partition(),
+            Duration::from_secs(10),
+        ) else {
+            continue;
+        };
+        if expected < low {
+            gaps.push(gap_message(
+                element.topic(),
+                element.partition(),
+                expected,
+                low,
+            ));
+        }
+    }
+    (!gaps.is_empty()).then(|| gaps.join("; "))
+}
+
+fn gap_message(topic: &str, partition: i32, expected: i64, low: i64) -> String {
+    format!(
+        "partition {topic}/{partition}: the next offset to apply, {expected}, is older than the oldest retained offset {low}; \
+         events in between were deleted (retention, deleteRecords) before the sink applied them, and the sink never skips. \
+         Rebuild the index (walsync backfill --into), then reset the group's offsets, or raise the topic's retention \
+         (docs/runbook.md, \"The sink stopped on a gap\")"
+    )
+}
+
 /// Gives revoked partitions up: all of them under the eager protocol, the listed ones under the
 /// cooperative one.
 fn unassign<C: ConsumerContext>(consumer: &impl Consumer<C>, revoked: &TopicPartitionList) {
@@ -162,6 +262,7 @@ impl ConsumerContext for GroupContext {
     ) {
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                start_uncommitted_at_the_beginning(consumer, partitions);
                 let assigned = match consumer.rebalance_protocol() {
                     RebalanceProtocol::Cooperative => consumer.incremental_assign(partitions),
                     _ => consumer.assign(partitions),
@@ -220,13 +321,7 @@ impl ConsumerContext for GroupContext {
                 continue;
             };
             if offset < low {
-                let message = format!(
-                    "partition {}/{}: the committed offset {offset} is older than the oldest retained offset {low}; \
-                     events in between were deleted by Kafka's retention before the sink applied them. \
-                     Rebuild the index (walsync backfill --into) and reset the group's offsets, or raise the topic's retention",
-                    element.topic(),
-                    element.partition()
-                );
+                let message = gap_message(element.topic(), element.partition(), offset, low);
                 if let Ok(mut gap) = self.gap.lock() {
                     gap.get_or_insert(message);
                 }
@@ -242,13 +337,17 @@ pub struct Sink {
     consumer: StreamConsumer<GroupContext>,
     dead_letters: FutureProducer,
     dead_letter_topic: String,
-    targets: Mutex<HashMap<(String, String), Arc<TableTarget>>>,
+    /// Topic → table: the only way a record finds its table (`sink::routing`).
+    routes: Routes,
+    /// By topic.
+    targets: Mutex<HashMap<String, Arc<TableTarget>>>,
     /// Per alias: events with a lower commit LSN were truncated away and are dropped.
     truncate_marks: std::sync::Mutex<HashMap<String, TruncateMark>>,
     /// Writes hold it shared, a truncate exclusively: a bulk of pre-truncate events either
     /// finishes before the truncate's delete-by-query or sees its mark and drops them.
     truncate_gate: tokio::sync::RwLock<()>,
-    reader: Mutex<Option<RowReader>>,
+    /// Where TOAST fills re-read rows (PostgreSQL).
+    rows: Arc<dyn RowSource>,
     /// Tables written to a concrete index instead of their alias (`walsync backfill --into`
     /// fills a new index with a second sink), by (schema, table).
     index_overrides: HashMap<(String, String), String>,
@@ -298,9 +397,10 @@ impl Sink {
             .set("group.id", &config.sink.group_id)
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
-            // Only for a group that never committed; a committed offset out of range is caught
-            // by the gap guard.
-            .set("auto.offset.reset", "earliest")
+            // Never jump (design invariant 9): an offset out of range is an error the loop stops
+            // on; a group that never committed starts at the earliest offset because the
+            // assignment says so explicitly (`GroupContext::rebalance`).
+            .set("auto.offset.reset", "error")
             .set("enable.partition.eof", "false")
             // Retries can stall a partition for a long time; that must not evict the consumer.
             .set("max.poll.interval.ms", "86400000")
@@ -326,7 +426,12 @@ impl Sink {
                 .create()
                 .context("cannot create the dead-letter producer")?
         };
+        let rows: Arc<dyn RowSource> = Arc::new(PostgresRowReader::new(
+            crate::source::connect_params(&config)?,
+            CodecOptions::default(),
+        ));
         Ok(Self {
+            routes: Routes::new(&config),
             config,
             client,
             consumer,
@@ -335,7 +440,7 @@ impl Sink {
             targets: Mutex::new(HashMap::new()),
             truncate_marks: std::sync::Mutex::new(HashMap::new()),
             truncate_gate: tokio::sync::RwLock::new(()),
-            reader: Mutex::new(None),
+            rows,
             index_overrides: HashMap::new(),
             breaker: std::sync::Mutex::new(VecDeque::new()),
             conflicts: std::sync::Mutex::new(ConflictRate::new(Instant::now())),
@@ -491,8 +596,24 @@ impl Sink {
                 queues.push(partition, message, bytes, Instant::now());
                 true
             }
-            // Consumer errors are reports (a subscribed pattern that matches no topic yet, a
-            // broker going away); librdkafka recovers by itself.
+            // An offset out of range: records the sink has not applied were deleted. Stop.
+            Err(KafkaError::MessageConsumption(
+                code @ (RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange),
+            )) => {
+                let context = self.consumer.context();
+                let message = describe_gaps(&self.consumer).unwrap_or_else(|| {
+                    format!(
+                        "Kafka reports an offset out of range ({code:?}): records this sink has not applied are no longer in Kafka, \
+                         and the sink never skips. See docs/runbook.md, \"The sink stopped on a gap\""
+                    )
+                });
+                if let Ok(mut gap) = context.gap.lock() {
+                    gap.get_or_insert(message);
+                }
+                false
+            }
+            // Other consumer errors are reports (a subscribed pattern that matches no topic
+            // yet, a broker going away); librdkafka recovers by itself.
             Err(error) => {
                 tracing::warn!(%error, "Kafka consumer reported an error; continuing");
                 *read_after = Some(tokio::time::Instant::now() + Duration::from_millis(500));
@@ -638,12 +759,17 @@ impl Sink {
     async fn apply_partition(&self, messages: &[OwnedMessage]) -> anyhow::Result<()> {
         let mut pending: Vec<Pending<'_>> = Vec::new();
         for message in messages {
+            let Some(table) = self.routes.table_of(message.topic()) else {
+                self.dead_letter(message, &self.routes.unrouted_reason(message.topic()))
+                    .await?;
+                continue;
+            };
             match record_kind(message) {
                 RecordKind::Change => {}
                 RecordKind::CopyCompleted => {
                     // Everything before it in this partition is applied first.
                     self.write(std::mem::take(&mut pending)).await?;
-                    self.apply_copy_completed(message).await?;
+                    self.apply_copy_completed(message, table).await?;
                     continue;
                 }
                 RecordKind::UnknownControl => {
@@ -667,7 +793,16 @@ impl Sink {
                     continue;
                 }
             };
-            let target = self.target(&envelope).await?;
+            let target = self
+                .table_target(message.topic(), table, &envelope.source.system_id)
+                .await?;
+            if let Err(reason) =
+                self.routes
+                    .check_event(&target.table, &target.system_id, &envelope)
+            {
+                self.dead_letter(message, &reason).await?;
+                continue;
+            }
             target.metrics.consumed.add(envelope.op.code(), 1);
             if envelope.op == EnvelopeOp::Truncate {
                 self.write(std::mem::take(&mut pending)).await?;
@@ -678,37 +813,32 @@ impl Sink {
                 message,
                 envelope,
                 target,
+                fill_failure: None,
             });
         }
         self.write(pending).await
     }
 
-    /// The index target of an event's table, creating or checking its index on first use.
-    async fn target(&self, envelope: &Envelope) -> anyhow::Result<Arc<TableTarget>> {
-        let source = &envelope.source;
-        self.table_target(&source.schema, &source.table, &source.system_id)
-            .await
-    }
-
-    /// The index target of `schema.table`, read from cluster `system_id`.
+    /// The index target of the table `topic` belongs to, creating or checking its index on
+    /// first use; `system_id` (the first record's cluster) is what a new index records.
     async fn table_target(
         &self,
-        schema: &str,
-        table: &str,
+        topic: &str,
+        table: &TableName,
         system_id: &str,
     ) -> anyhow::Result<Arc<TableTarget>> {
-        let key = (schema.to_owned(), table.to_owned());
         let mut targets = self.targets.lock().await;
-        if let Some(target) = targets.get(&key) {
+        if let Some(target) = targets.get(topic) {
             return Ok(Arc::clone(target));
         }
-        let qualified = format!("{}.{}", key.0, key.1);
+        let qualified = table.qualified();
         let table_config = self
             .config
             .tables
             .get(&qualified)
             .cloned()
             .unwrap_or_default();
+        let key = (table.schema.clone(), table.table.clone());
         let (alias, truncate_mark) = match self.index_overrides.get(&key) {
             Some(index) => (
                 index.clone(),
@@ -722,11 +852,13 @@ impl Sink {
         };
         self.raise_truncate_mark(&alias, truncate_mark);
         let target = Arc::new(TableTarget {
+            table: table.clone(),
             shape: DocumentShape::new(&qualified, &table_config)?,
             alias,
             metrics: SinkTableMetrics::new(&qualified),
+            system_id: system_id.to_owned(),
         });
-        targets.insert(key, Arc::clone(&target));
+        targets.insert(topic.to_owned(), Arc::clone(&target));
         Ok(target)
     }
 
@@ -826,15 +958,19 @@ impl Sink {
             document_id(key).map_err(|error| format!("cannot derive the document id: {error}"))?;
         let version = item.envelope.source.commit_lsn;
         let index = item.target.alias.clone();
+        if let Some(reason) = &item.fill_failure {
+            return Err(reason.clone());
+        }
         let kind = match item.envelope.op {
             EnvelopeOp::Create | EnvelopeOp::Update | EnvelopeOp::Read => {
-                if item
-                    .envelope
-                    .unchanged_toast_columns
-                    .iter()
-                    .any(|c| item.target.shape.keeps(c))
+                if !item
+                    .target
+                    .shape
+                    .unfilled_columns(&item.envelope)
+                    .is_empty()
                 {
-                    // The row is gone from PostgreSQL: a later delete supersedes this event.
+                    // The re-read found no row: a later delete of this key in this partition
+                    // supersedes the event (sink::toast).
                     return Ok(None);
                 }
                 ActionKind::Index(
@@ -901,6 +1037,9 @@ impl Sink {
                 }
             };
             let mut retry_positions = Vec::new();
+            // Actions a dead-lettered survivor had superseded: sent again (collapsed anew, in
+            // order), so only what the server refuses is dead-lettered.
+            let mut resend_positions = Vec::new();
             let mut dead = Vec::new();
             let mut missing_index = false;
             let (mut applied, mut stale) = (0_u64, 0_u64);
@@ -944,7 +1083,10 @@ impl Sink {
                         tracing::debug!(cause = cause.label(), %reason, "bulk item will be retried");
                         retry_positions.extend(item.positions());
                     }
-                    ItemOutcome::DeadLetter { reason } => dead.push((item.positions(), reason)),
+                    ItemOutcome::DeadLetter { reason } => {
+                        dead.push((vec![item.position], reason));
+                        resend_positions.extend(item.superseded.iter().copied());
+                    }
                 }
             }
             self.watch_conflicts(stale, applied + stale);
@@ -957,22 +1099,28 @@ impl Sink {
                     }
                 }
             }
-            if retry_positions.is_empty() {
+            if retry_positions.is_empty() && resend_positions.is_empty() {
                 break;
             }
+            let wait = !retry_positions.is_empty();
+            retry_positions.extend(resend_positions);
             retry_positions.sort_unstable();
             if missing_index {
                 self.recreate_missing_indices(&retry_positions, &origins, pending)
                     .await;
             }
-            self.note_retry();
+            if wait {
+                self.note_retry();
+            }
             let kept_actions = retry_positions
                 .iter()
                 .map(|p| actions[*p].clone())
                 .collect();
             origins = retry_positions.iter().map(|p| origins[*p]).collect();
             actions = kept_actions;
-            backoff.wait().await;
+            if wait {
+                backoff.wait().await;
+            }
         }
         Ok(())
     }
@@ -1061,18 +1209,14 @@ impl Sink {
             if overridden || done.contains(&item.target.alias) {
                 continue;
             }
-            let qualified = format!(
-                "{}.{}",
-                item.envelope.source.schema, item.envelope.source.table
-            );
             let table = self
                 .config
                 .tables
-                .get(&qualified)
+                .get(&item.target.table.qualified())
                 .cloned()
                 .unwrap_or_default();
             match self
-                .ensure(&item.target.alias, &table, &item.envelope.source.system_id)
+                .ensure(&item.target.alias, &table, &item.target.system_id)
                 .await
             {
                 Ok(()) => {
@@ -1225,7 +1369,11 @@ impl Sink {
     /// before this record in this partition and has been applied. In hard delete mode the
     /// partition's soft tombstones of the table are purged now; soft mode keeps them. The
     /// record's offset is committed only once this returned.
-    async fn apply_copy_completed(&self, message: &OwnedMessage) -> anyhow::Result<()> {
+    async fn apply_copy_completed(
+        &self,
+        message: &OwnedMessage,
+        table: &TableName,
+    ) -> anyhow::Result<()> {
         let completed = match CopyCompleted::decode(message.payload()) {
             Ok(completed) => completed,
             Err(error) => {
@@ -1234,12 +1382,27 @@ impl Sink {
                     .await;
             }
         };
+        if completed.schema != table.schema || completed.table != table.table {
+            let reason = format!(
+                "a copy_completed record for {} on the topic of {}: records are routed by topic, never by payload",
+                completed.qualified_table(),
+                table.qualified()
+            );
+            return self.dead_letter(message, &reason).await;
+        }
         if self.config.elasticsearch.delete_mode == DeleteMode::Soft {
             return Ok(());
         }
         let target = self
-            .table_target(&completed.schema, &completed.table, &completed.system_id)
+            .table_target(message.topic(), table, &completed.system_id)
             .await?;
+        if completed.system_id != target.system_id {
+            let reason = format!(
+                "a copy_completed record from PostgreSQL system {}, but the index was built from system {}",
+                completed.system_id, target.system_id
+            );
+            return self.dead_letter(message, &reason).await;
+        }
         self.purge_copy_tombstones(&target.alias, message.partition())
             .await?;
         tracing::info!(
@@ -1345,143 +1508,200 @@ impl Sink {
         }
     }
 
-    /// Fills `after` values that did not travel (unchanged TOAST): from an earlier event of the
-    /// same document in this batch, else from the stored document, else by re-reading the row
-    /// from PostgreSQL by primary key. Never null, never a placeholder (design invariant 6).
+    /// Fills `after` values that did not travel (unchanged TOAST) by the rule of
+    /// `sink::toast`: from the row's own previous state in this batch, else from the stored
+    /// document, else by re-reading the row from PostgreSQL. Never null, never a placeholder,
+    /// never another row's value (design invariant 6).
     async fn fill_unchanged_toast(&self, pending: &mut [Pending<'_>]) -> anyhow::Result<()> {
-        let mut latest: HashMap<(String, Vec<u8>), Map<String, Value>> = HashMap::new();
-        for item in pending.iter_mut() {
-            let key = (
-                item.target.alias.clone(),
-                item.message.key().unwrap_or_default().to_vec(),
-            );
-            if !item.envelope.unchanged_toast_columns.is_empty() {
-                let missing = std::mem::take(&mut item.envelope.unchanged_toast_columns);
-                let mut still_missing = Vec::new();
-                for column in missing {
-                    let value = latest.get(&key).and_then(|row| row.get(&column)).cloned();
-                    match (value, item.envelope.after.as_mut()) {
-                        (Some(value), Some(after)) => {
-                            after.insert(column, value);
-                        }
-                        _ => still_missing.push(column),
-                    }
-                }
-                if !still_missing.is_empty() {
-                    self.fill_from_stored_or_source(item, &mut still_missing)
-                        .await?;
-                }
-                item.envelope.unchanged_toast_columns = still_missing;
-            }
-            match (&item.envelope.op, &item.envelope.after) {
-                (EnvelopeOp::Delete, _) => {
-                    latest.remove(&key);
-                }
-                (_, Some(after)) => {
-                    latest.insert(key, after.clone());
-                }
-                _ => {}
-            }
-        }
-        Ok(())
-    }
-
-    async fn fill_from_stored_or_source(
-        &self,
-        item: &mut Pending<'_>,
-        missing: &mut Vec<String>,
-    ) -> anyhow::Result<()> {
-        let key = item.message.key().unwrap_or_default();
-        let id = document_id(key)?;
-        if let Some(stored) = self.stored_document(&item.target.alias, &id).await? {
-            let deleted = stored
-                .get("walsync")
-                .and_then(|m| m.get("deleted"))
-                .and_then(Value::as_bool)
-                .unwrap_or(false);
-            if !deleted && let Some(after) = item.envelope.after.as_mut() {
-                missing.retain(
-                    |column| match stored.get(item.target.shape.field_name(column)) {
-                        Some(value) => {
-                            after.insert(column.clone(), value.clone());
-                            false
-                        }
-                        None => true,
-                    },
-                );
-            }
-        }
-        if missing.is_empty() {
+        if pending.iter().all(|item| {
+            item.target
+                .shape
+                .unfilled_columns(&item.envelope)
+                .is_empty()
+        }) {
             return Ok(());
         }
-        let row = self
-            .read_row_from_source(&item.envelope, key, missing)
-            .await?;
-        if let (Some(row), Some(after)) = (row, item.envelope.after.as_mut()) {
-            missing.retain(|column| match row.get(column) {
-                Some(value) => {
-                    after.insert(column.clone(), value.clone());
-                    false
-                }
-                None => true,
-            });
+        let ids: Vec<Option<String>> = pending
+            .iter()
+            .map(|item| document_id(item.message.key().unwrap_or_default()).ok())
+            .collect();
+        let events: Vec<BatchEvent<'_>> = pending
+            .iter()
+            .zip(&ids)
+            .map(|(item, id)| batch_event(item, id.as_deref()))
+            .collect();
+        let plans = toast::plan(&events);
+        let stored = self.stored_documents(pending, &ids, &plans).await?;
+        for position in 0..pending.len() {
+            let missing: Vec<String> = pending[position]
+                .target
+                .shape
+                .unfilled_columns(&pending[position].envelope)
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+            if missing.is_empty() {
+                continue;
+            }
+            let (earlier, rest) = pending.split_at_mut(position);
+            let item = &mut rest[0];
+            let stored = ids[position]
+                .as_ref()
+                .and_then(|id| stored.get(&(item.target.alias.clone(), id.clone())))
+                .filter(|stored| !stored.deleted);
+            // An earlier event holds column names; a stored document, field names.
+            let found = match plans[position] {
+                FillPlan::Nothing | FillPlan::Reread => None,
+                FillPlan::Batch(at) => earlier[at].envelope.after.as_ref().map(|row| (row, false)),
+                FillPlan::SnapshotRowUnlessStoredNewer(at) => match stored {
+                    Some(stored) if stored.version > earlier[at].envelope.source.commit_lsn => {
+                        Some((&stored.fields, true))
+                    }
+                    _ => earlier[at].envelope.after.as_ref().map(|row| (row, false)),
+                },
+                FillPlan::Stored => stored.map(|stored| (&stored.fields, true)),
+            };
+            if let (Some((row, by_field)), Some(after)) = (found, item.envelope.after.as_mut()) {
+                let shape = &item.target.shape;
+                toast::fill_from(after, &missing, row, |column| {
+                    if by_field {
+                        shape.field_name(column).to_owned()
+                    } else {
+                        column.to_owned()
+                    }
+                });
+            }
+            item.mark_filled();
+            let still_missing: Vec<String> = item
+                .target
+                .shape
+                .unfilled_columns(&item.envelope)
+                .into_iter()
+                .map(str::to_owned)
+                .collect();
+            if !still_missing.is_empty() {
+                self.fill_by_rereading(item, &still_missing).await?;
+            }
         }
         Ok(())
     }
 
-    async fn stored_document(
+    /// The stored documents the fill plans need, by (index, id), read with one `_mget` per
+    /// index.
+    async fn stored_documents(
         &self,
-        alias: &str,
-        id: &str,
-    ) -> anyhow::Result<Option<Map<String, Value>>> {
-        let path = format!("/{alias}/_doc/{}?realtime=true", url_path_escape(id));
-        let mut backoff = Backoff::new();
-        loop {
-            match self
-                .client
-                .send(
-                    Method::Get,
-                    &path,
-                    HeaderMap::new(),
-                    Option::<&()>::None,
-                    Option::<&[u8]>::None,
-                    Some(Duration::from_secs(30)),
-                )
-                .await
-            {
-                Ok(response) if response.status_code().as_u16() == 404 => return Ok(None),
-                Ok(response) if response.status_code().is_success() => {
-                    let document: Value = response.json().await?;
-                    return Ok(document.get("_source").and_then(Value::as_object).cloned());
-                }
-                Ok(response) => {
-                    tracing::warn!(status = %response.status_code(), "reading a stored document failed; retrying")
-                }
-                Err(error) => tracing::warn!(%error, "reading a stored document failed; retrying"),
+        pending: &[Pending<'_>],
+        ids: &[Option<String>],
+        plans: &[FillPlan],
+    ) -> anyhow::Result<HashMap<(String, String), StoredDocument>> {
+        let mut wanted: HashMap<&str, Vec<&str>> = HashMap::new();
+        for ((item, id), plan) in pending.iter().zip(ids).zip(plans) {
+            if let (Some(id), true) = (id, plan.reads_stored()) {
+                wanted
+                    .entry(item.target.alias.as_str())
+                    .or_default()
+                    .push(id);
             }
-            backoff.wait().await;
         }
+        let mut stored = HashMap::new();
+        for (alias, ids) in wanted {
+            let mut backoff = Backoff::new();
+            let documents = loop {
+                match index::stored_documents(&self.client, alias, &ids).await {
+                    Ok(documents) => break documents,
+                    Err(error) if search_error_is_transient(&error) => {
+                        self.note_retry();
+                        tracing::warn!(%alias, "reading stored documents for a TOAST fill failed; retrying");
+                        backoff.wait().await;
+                    }
+                    Err(error) => {
+                        return Err(anyhow::Error::from(error)
+                            .context("reading stored documents for a TOAST fill"));
+                    }
+                }
+            };
+            for (id, document) in documents {
+                stored.insert((alias.to_owned(), id), document);
+            }
+        }
+        Ok(stored)
     }
 
-    /// Re-reads columns of one row from PostgreSQL by primary key, through the source's codec.
-    async fn read_row_from_source(
+    /// Fills `missing` by re-reading the row from the table its topic belongs to. PostgreSQL
+    /// being unreachable is waited out; a row that is gone leaves the event unfilled (skipped:
+    /// a later delete supersedes it); a dropped column is left out; a read that can never
+    /// succeed dead-letters the event with the reason.
+    async fn fill_by_rereading(
         &self,
-        envelope: &Envelope,
-        key: &[u8],
-        columns: &[String],
-    ) -> anyhow::Result<Option<Map<String, Value>>> {
-        let mut reader = self.reader.lock().await;
-        if reader.is_none() {
-            *reader = Some(RowReader::connect(&self.config).await?);
-        }
-        let Some(connected) = reader.as_ref() else {
-            return Ok(None);
+        item: &mut Pending<'_>,
+        missing: &[String],
+    ) -> anyhow::Result<()> {
+        let key = match parse_key(item.message.key().unwrap_or_default()) {
+            Ok(key) => key,
+            Err(error) => {
+                item.fill_failure = Some(format!("cannot re-read unchanged TOAST values: {error}"));
+                return Ok(());
+            }
         };
-        let result = connected.read(envelope, key, columns).await;
-        if result.is_err() {
-            *reader = None;
+        let table = &item.target.table;
+        let mut backoff = Backoff::new();
+        let read = loop {
+            match self
+                .rows
+                .read_row(&table.schema, &table.table, &key, missing)
+                .await
+            {
+                Ok(read) => break read,
+                Err(RowSourceError::Transient(reason)) => {
+                    self.note_retry();
+                    tracing::warn!(table = %table.qualified(), %reason, "cannot re-read unchanged TOAST values yet; retrying");
+                    backoff.wait().await;
+                }
+                Err(RowSourceError::Permanent(reason)) => {
+                    item.fill_failure =
+                        Some(format!("cannot re-read unchanged TOAST values: {reason}"));
+                    return Ok(());
+                }
+            }
+        };
+        ::metrics::counter!(metrics::SINK_TOAST_REREADS).increment(1);
+        let RowRead::Found { values, dropped } = read else {
+            return Ok(());
+        };
+        if let Some(after) = item.envelope.after.as_mut() {
+            for (column, value) in values.iter() {
+                after.insert(column.to_owned(), value.to_owned());
+            }
         }
-        result
+        if !dropped.is_empty() {
+            tracing::warn!(table = %table.qualified(), columns = ?dropped, "unchanged TOAST columns no longer exist in the table; the document leaves them out");
+            item.envelope
+                .unchanged_toast_columns
+                .retain(|column| !dropped.contains(column));
+        }
+        item.mark_filled();
+        Ok(())
+    }
+}
+
+/// What the TOAST fill rule needs to know of one pending event.
+fn batch_event<'a>(item: &'a Pending<'_>, id: Option<&'a str>) -> BatchEvent<'a> {
+    let needs_fill = !item
+        .target
+        .shape
+        .unfilled_columns(&item.envelope)
+        .is_empty();
+    let kind = match item.envelope.op {
+        EnvelopeOp::Delete | EnvelopeOp::Truncate => EventKind::Delete,
+        EnvelopeOp::Read => EventKind::SnapshotRow,
+        EnvelopeOp::Create if needs_fill => EventKind::KeyChange,
+        EnvelopeOp::Create | EnvelopeOp::Update => EventKind::Streamed,
+    };
+    BatchEvent {
+        document: id.map(|id| (item.target.alias.as_str(), id)),
+        version: item.envelope.source.commit_lsn,
+        kind,
+        needs_fill,
     }
 }
 
@@ -1490,90 +1710,17 @@ struct Pending<'a> {
     message: &'a OwnedMessage,
     envelope: Envelope,
     target: Arc<TableTarget>,
+    /// Why its unchanged TOAST values can never be filled: it is dead-lettered with this.
+    fill_failure: Option<String>,
 }
 
-/// Reads rows from PostgreSQL for TOAST fills, with the source's session settings and codec.
-struct RowReader {
-    catalog: Catalog,
-    codec: Codec,
-}
-
-impl RowReader {
-    async fn connect(config: &Config) -> anyhow::Result<Self> {
-        let params = crate::source::connect_params(config)?;
-        let catalog = Catalog::connect(&params)
-            .await
-            .context("cannot connect to PostgreSQL to re-read unchanged TOAST values")?;
-        let mut codec = Codec::new(Default::default());
-        for (oid, kind) in catalog.custom_types().await? {
-            codec.register(oid, kind);
-        }
-        Ok(Self { catalog, codec })
-    }
-
-    async fn read(
-        &self,
-        envelope: &Envelope,
-        key: &[u8],
-        columns: &[String],
-    ) -> anyhow::Result<Option<Map<String, Value>>> {
-        let key: Map<String, Value> = serde_json::from_slice(key)?;
-        let table = format!(
-            "{}.{}",
-            quote_identifier(&envelope.source.schema),
-            quote_identifier(&envelope.source.table)
-        );
-        let conditions: Vec<String> = key
-            .iter()
-            .map(|(column, value)| {
-                let text = match value {
-                    Value::String(text) => text.clone(),
-                    other => other.to_string(),
-                };
-                format!(
-                    "{} = {}",
-                    quote_identifier(column),
-                    crate::postgres::replication::quote_literal(&text)
-                )
-            })
-            .collect();
-        let list: Vec<String> = columns.iter().map(|c| quote_identifier(c)).collect();
-        let types = self
-            .catalog
-            .client()
-            .query(
-                "SELECT a.attname::text, a.atttypid FROM pg_attribute a
-                 WHERE a.attrelid = ($1 || '.' || $2)::regclass AND a.attnum > 0 AND NOT a.attisdropped",
-                &[&quote_identifier(&envelope.source.schema), &quote_identifier(&envelope.source.table)],
-            )
-            .await?;
-        let types: HashMap<String, u32> =
-            types.iter().map(|row| (row.get(0), row.get(1))).collect();
-        let sql = format!(
-            "SELECT {} FROM {table} WHERE {}",
-            list.join(", "),
-            conditions.join(" AND ")
-        );
-        let rows = self.catalog.client().simple_query(&sql).await?;
-        for message in rows {
-            if let tokio_postgres::SimpleQueryMessage::Row(row) = message {
-                let mut values = Map::new();
-                for (index, column) in columns.iter().enumerate() {
-                    let value = match row.get(index) {
-                        None => Value::Null,
-                        Some(text) => {
-                            let mut json = Vec::new();
-                            let oid = types.get(column).copied().unwrap_or(25);
-                            self.codec.write_json(&mut json, oid, text.as_bytes())?;
-                            serde_json::from_slice(&json)?
-                        }
-                    };
-                    values.insert(column.clone(), value);
-                }
-                return Ok(Some(values));
-            }
-        }
-        Ok(None)
+impl Pending<'_> {
+    /// Columns that have a value in `after` now no longer lack one.
+    fn mark_filled(&mut self) {
+        let after = self.envelope.after.as_ref();
+        self.envelope
+            .unchanged_toast_columns
+            .retain(|column| after.is_none_or(|after| after.get(column).is_none()));
     }
 }
 
@@ -1711,11 +1858,15 @@ async fn read_mapping(client: &Elasticsearch, alias: &str) -> anyhow::Result<Val
 /// Whether a failure to check or create an index may pass by itself: the server unreachable,
 /// timing out, overloaded or not ready yet (408, 429, 5xx). Anything else needs an operator.
 fn index_error_is_transient(error: &anyhow::Error) -> bool {
-    match error.downcast_ref::<index::IndexError>() {
-        Some(index::IndexError::Transport { .. }) => true,
-        Some(index::IndexError::Refused { status, .. }) => {
-            matches!(status, 408 | 429) || *status >= 500
-        }
+    error
+        .downcast_ref::<index::IndexError>()
+        .is_some_and(search_error_is_transient)
+}
+
+fn search_error_is_transient(error: &index::IndexError) -> bool {
+    match error {
+        index::IndexError::Transport { .. } => true,
+        index::IndexError::Refused { status, .. } => matches!(status, 408 | 429) || *status >= 500,
         _ => false,
     }
 }
@@ -1839,17 +1990,6 @@ fn regex_escape(text: &str) -> String {
         .collect()
 }
 
-fn url_path_escape(id: &str) -> String {
-    id.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            other => format!("%{other:02X}"),
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1888,12 +2028,6 @@ mod tests {
             None,
             "2% conflicts"
         );
-    }
-
-    #[test]
-    fn ids_are_escaped_for_the_document_path() {
-        assert_eq!(url_path_escape("[1,\"a b\"]"), "%5B1%2C%22a%20b%22%5D");
-        assert_eq!(url_path_escape("plain-id_1.2"), "plain-id_1.2");
     }
 
     #[test]

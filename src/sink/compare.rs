@@ -14,8 +14,11 @@
 //!   Elasticsearch and OpenSearch; scroll is shared), 1,000 documents a page. The `walsync`
 //!   metadata field is ignored, and soft tombstones (`walsync.deleted: true`) count as absent.
 //!
-//! Values are compared as `serde_json` values, both sides parsed by the same parser, so a
-//! number compares equal exactly when the two texts parse to the same number.
+//! Values are compared **exactly**: each field's JSON text as the sink wrote it against the text
+//! the codec makes of the row, byte for byte, so a one-ulp change of a `float8`, a `numeric`
+//! digit or a `jsonb` number beyond `f64` precision is a difference (nothing is parsed into
+//! `f64`). Field order does not matter; the order inside a value (a `jsonb` object) does, as
+//! the sink copies values without re-formatting them.
 //!
 //! # Memory
 //!
@@ -43,9 +46,11 @@ use std::hash::{Hash, Hasher};
 use elasticsearch::{ClearScrollParts, Elasticsearch, MgetParts, ScrollParts, SearchParts};
 use futures_util::{TryStreamExt, pin_mut};
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
+use serde_json::json;
+use serde_json::value::RawValue;
 use tokio_postgres::{SimpleQueryMessage, SimpleQueryRow};
 
+use crate::event::{RawRow, raw_value};
 use crate::postgres::types::{Codec, CodecError, CodecOptions, SESSION_SETTINGS};
 use crate::shell::config::TableConfig;
 use crate::sink::document::{DocumentShape, document_id_of};
@@ -221,7 +226,7 @@ struct RowEncoder {
 /// A row as the sink should have indexed it.
 struct ExpectedDocument {
     id: String,
-    body: Map<String, Value>,
+    body: RawRow,
 }
 
 impl RowEncoder {
@@ -297,7 +302,7 @@ impl RowEncoder {
     }
 
     /// Every column's JSON value, NULL as `null`.
-    fn row_values(&self, row: &SimpleQueryRow) -> Result<Vec<Value>, CompareError> {
+    fn row_values(&self, row: &SimpleQueryRow) -> Result<Vec<Box<RawValue>>, CompareError> {
         let mut scratch = Vec::with_capacity(64);
         self.columns
             .iter()
@@ -310,7 +315,7 @@ impl RowEncoder {
                         source,
                     })?;
                 match text {
-                    None => Ok(Value::Null),
+                    None => Ok(null()),
                     Some(text) => self.encode(&mut scratch, column, text),
                 }
             })
@@ -322,7 +327,7 @@ impl RowEncoder {
         scratch: &mut Vec<u8>,
         column: &Column,
         text: &str,
-    ) -> Result<Value, CompareError> {
+    ) -> Result<Box<RawValue>, CompareError> {
         scratch.clear();
         self.codec
             .write_json(scratch, column.type_oid, text.as_bytes())
@@ -331,18 +336,18 @@ impl RowEncoder {
                 column: column.name.clone(),
                 source,
             })?;
-        serde_json::from_slice(scratch).map_err(|source| CompareError::CodecOutput {
+        raw_value(scratch.clone()).map_err(|source| CompareError::CodecOutput {
             table: self.table.clone(),
             column: column.name.clone(),
             source,
         })
     }
 
-    fn id_of(&self, values: &[Value]) -> Result<String, CompareError> {
-        let key: Vec<(&str, &Value)> = self
+    fn id_of(&self, values: &[Box<RawValue>]) -> Result<String, CompareError> {
+        let key: Vec<(&str, &RawValue)> = self
             .key_positions
             .iter()
-            .map(|&position| (self.columns[position].name.as_str(), &values[position]))
+            .map(|&position| (self.columns[position].name.as_str(), &*values[position]))
             .collect();
         document_id_of(&key).map_err(|source| CompareError::Document {
             table: self.table.clone(),
@@ -464,7 +469,7 @@ struct Hit {
     #[serde(rename = "_id")]
     id: String,
     #[serde(rename = "_source", default)]
-    source: Map<String, Value>,
+    source: RawRow,
 }
 
 /// What the comparison keeps of one indexed document.
@@ -482,21 +487,23 @@ enum DocumentState {
     Newer,
 }
 
-fn document_state(source: &Map<String, Value>, max_commit_lsn: Option<u64>) -> DocumentState {
-    let metadata = source.get(METADATA_FIELD);
-    let commit_lsn = metadata
-        .and_then(|metadata| metadata.get("commit_lsn"))
-        .and_then(Value::as_u64);
-    if let (Some(limit), Some(commit_lsn)) = (max_commit_lsn, commit_lsn) {
+fn document_state(source: &RawRow, max_commit_lsn: Option<u64>) -> DocumentState {
+    #[derive(Deserialize, Default)]
+    struct Metadata {
+        commit_lsn: Option<u64>,
+        #[serde(default)]
+        deleted: bool,
+    }
+    let metadata: Metadata = source
+        .get(METADATA_FIELD)
+        .and_then(|raw| serde_json::from_str(raw.get()).ok())
+        .unwrap_or_default();
+    if let (Some(limit), Some(commit_lsn)) = (max_commit_lsn, metadata.commit_lsn) {
         if commit_lsn > limit {
             return DocumentState::Newer;
         }
     }
-    let deleted = metadata
-        .and_then(|metadata| metadata.get("deleted"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
-    if deleted {
+    if metadata.deleted {
         DocumentState::SoftDeleted
     } else {
         DocumentState::Live
@@ -597,7 +604,7 @@ async fn fetch_documents(
     search: &Elasticsearch,
     alias: &str,
     ids: &[&str],
-) -> Result<HashMap<String, Map<String, Value>>, CompareError> {
+) -> Result<HashMap<String, RawRow>, CompareError> {
     #[derive(Deserialize)]
     struct MgetResponse {
         docs: Vec<MgetDocument>,
@@ -609,7 +616,7 @@ async fn fetch_documents(
         #[serde(default)]
         found: bool,
         #[serde(rename = "_source", default)]
-        source: Map<String, Value>,
+        source: RawRow,
     }
     let response = search
         .mget(MgetParts::Index(alias))
@@ -739,61 +746,44 @@ impl Comparison {
 }
 
 /// The fields whose values differ between a row's expected body and a stored document, the
-/// metadata field aside; a field present on one side only differs.
-fn differing_fields(expected: &Map<String, Value>, stored: &Map<String, Value>) -> Vec<String> {
-    let names: BTreeSet<&String> = expected
-        .keys()
-        .chain(stored.keys())
-        .filter(|name| name.as_str() != METADATA_FIELD)
+/// metadata field aside; a field present on one side only differs. Values compare as their
+/// exact JSON text.
+fn differing_fields(expected: &RawRow, stored: &RawRow) -> Vec<String> {
+    let names: BTreeSet<&str> = expected
+        .iter()
+        .chain(stored.iter())
+        .map(|(name, _)| name)
+        .filter(|name| *name != METADATA_FIELD)
         .collect();
     names
         .into_iter()
-        .filter(|name| expected.get(*name) != stored.get(*name))
-        .cloned()
+        .filter(|name| expected.get(name).map(RawValue::get) != stored.get(name).map(RawValue::get))
+        .map(str::to_owned)
         .collect()
 }
 
-/// A hash of a document body that ignores key order and the metadata field: equal bodies
-/// hash equally, and different ones collide with probability 2⁻⁶⁴. `DefaultHasher::new` is
-/// deterministic within one process, which is all a comparison needs.
-fn body_hash(body: &Map<String, Value>) -> u64 {
+/// A hash of a document body that ignores field order and the metadata field: equal bodies
+/// hash equally (values by their exact JSON text), and different ones collide with
+/// probability 2⁻⁶⁴. `DefaultHasher::new` is deterministic within one process, which is all a
+/// comparison needs.
+fn body_hash(body: &RawRow) -> u64 {
+    let mut fields: Vec<(&str, &str)> = body
+        .iter()
+        .filter(|(name, _)| *name != METADATA_FIELD)
+        .map(|(name, value)| (name, value.get()))
+        .collect();
+    fields.sort_unstable();
     let mut hasher = DefaultHasher::new();
-    hash_object(body, &mut hasher, true);
+    fields.len().hash(&mut hasher);
+    for (name, value) in fields {
+        name.hash(&mut hasher);
+        value.hash(&mut hasher);
+    }
     hasher.finish()
 }
 
-fn hash_object(object: &Map<String, Value>, hasher: &mut DefaultHasher, skip_metadata: bool) {
-    let mut fields: Vec<(&String, &Value)> = object
-        .iter()
-        .filter(|(name, _)| !(skip_metadata && name.as_str() == METADATA_FIELD))
-        .collect();
-    fields.sort_unstable_by(|left, right| left.0.cmp(right.0));
-    fields.len().hash(hasher);
-    for (name, value) in fields {
-        name.hash(hasher);
-        hash_value(value, hasher);
-    }
-}
-
-/// Hashes a value consistently with `Value`'s `==`: objects regardless of key order, numbers by
-/// their parsed form.
-fn hash_value(value: &Value, hasher: &mut DefaultHasher) {
-    match value {
-        Value::Null => 0u8.hash(hasher),
-        Value::Bool(flag) => (1u8, flag).hash(hasher),
-        Value::Number(number) => (2u8, number.to_string()).hash(hasher),
-        Value::String(text) => (3u8, text).hash(hasher),
-        Value::Array(items) => {
-            (4u8, items.len()).hash(hasher);
-            for item in items {
-                hash_value(item, hasher);
-            }
-        }
-        Value::Object(object) => {
-            5u8.hash(hasher);
-            hash_object(object, hasher, false);
-        }
-    }
+fn null() -> Box<RawValue> {
+    RawValue::from_string("null".to_owned()).unwrap_or_else(|_| unreachable!("null is JSON"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -841,23 +831,45 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 mod tests {
     use super::*;
 
-    fn object(value: Value) -> Map<String, Value> {
-        match value {
-            Value::Object(object) => object,
-            other => panic!("not an object: {other}"),
-        }
+    fn object(value: serde_json::Value) -> RawRow {
+        serde_json::from_str(&value.to_string()).unwrap()
+    }
+
+    fn raw(text: &str) -> RawRow {
+        serde_json::from_str(text).unwrap()
     }
 
     #[test]
-    fn the_body_hash_ignores_key_order_and_metadata() {
-        let left = object(json!({"a": 1, "b": {"x": [1, 2], "y": null}, "walsync": {"op": "c"}}));
-        let right = object(json!({"b": {"y": null, "x": [1, 2]}, "a": 1}));
+    fn the_body_hash_ignores_field_order_and_metadata() {
+        let left = raw(r#"{"a": 1, "b": {"x": [1, 2], "y": null}, "walsync": {"op": "c"}}"#);
+        let right = raw(r#"{"b": {"x": [1, 2], "y": null}, "a": 1}"#);
         assert_eq!(body_hash(&left), body_hash(&right));
+    }
+
+    #[test]
+    fn values_compare_digit_for_digit() {
+        for (expected, stored) in [
+            (
+                r#"{"f": 0.9407462388099621}"#,
+                r#"{"f": 0.940746238809962}"#,
+            ),
+            (
+                r#"{"j": {"n": 0.90372028726197960001}}"#,
+                r#"{"j": {"n": 0.9037202872619796}}"#,
+            ),
+            (r#"{"n": "19.90"}"#, r#"{"n": "19.9"}"#),
+            (r#"{"n": 1.50}"#, r#"{"n": 1.5}"#),
+        ] {
+            let (expected, stored) = (raw(expected), raw(stored));
+            assert_ne!(body_hash(&expected), body_hash(&stored), "{expected:?}");
+            assert_eq!(differing_fields(&expected, &stored).len(), 1);
+        }
     }
 
     #[test]
     fn the_body_hash_sees_every_value_change() {
         let base = object(json!({"a": 1, "b": "1"}));
+        let base = &base;
         for changed in [
             json!({"a": 2, "b": "1"}),
             json!({"a": 1, "b": 1}),
@@ -866,7 +878,7 @@ mod tests {
             json!({"a": 1.5, "b": "1"}),
         ] {
             assert_ne!(
-                body_hash(&base),
+                body_hash(base),
                 body_hash(&object(changed.clone())),
                 "{changed}"
             );

@@ -46,10 +46,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::event::{Envelope, EnvelopeOp};
+use serde_json::value::RawValue;
+
+use crate::event::{Envelope, EnvelopeOp, RawRow};
 use crate::shell::config::TableConfig;
 
 /// The field of every document that holds walsync's metadata.
@@ -119,15 +121,15 @@ pub enum DocumentError {
 
 /// The `_id` of the document a record key stands for. See the module documentation.
 pub fn document_id(key_json: &[u8]) -> Result<String, DocumentError> {
-    let key: Map<String, Value> = parse_key(key_json)?;
-    let columns: Vec<(&str, &Value)> = key.iter().map(|(c, v)| (c.as_str(), v)).collect();
+    let key = parse_key(key_json)?;
+    let columns: Vec<(&str, &RawValue)> = key.iter().collect();
     document_id_of(&columns)
 }
 
-/// The `_id` of a row from its key columns' JSON values, in key order: the same rule as
-/// [`document_id`], for callers that hold the values rather than a record key (the comparison
-/// core).
-pub fn document_id_of(columns: &[(&str, &Value)]) -> Result<String, DocumentError> {
+/// The `_id` of a row from its key columns' JSON values (raw, as the source wrote them), in key
+/// order: the same rule as [`document_id`], for callers that hold the values rather than a
+/// record key (the comparison core).
+pub fn document_id_of(columns: &[(&str, &RawValue)]) -> Result<String, DocumentError> {
     let id = match columns {
         [] => return Err(DocumentError::EmptyKey),
         [(column, value)] => single_column_id(column, value)?,
@@ -136,19 +138,43 @@ pub fn document_id_of(columns: &[(&str, &Value)]) -> Result<String, DocumentErro
     Ok(bounded_id(id))
 }
 
-/// Parses a record key: a JSON object of the key columns, in key order.
-fn parse_key(key_json: &[u8]) -> Result<Map<String, Value>, DocumentError> {
-    match serde_json::from_slice::<Value>(key_json).map_err(DocumentError::KeyNotJson)? {
-        Value::Object(key) => Ok(key),
-        other => Err(DocumentError::KeyNotObject(other.to_string())),
+/// Parses a record key: a JSON object of the key columns, in key order, values raw.
+pub fn parse_key(key_json: &[u8]) -> Result<RawRow, DocumentError> {
+    let text = std::str::from_utf8(key_json).map_err(|error| {
+        DocumentError::KeyNotJson(<serde_json::Error as serde::de::Error>::custom(error))
+    })?;
+    let raw: Box<RawValue> = serde_json::from_str(text).map_err(DocumentError::KeyNotJson)?;
+    if !raw.get().trim_start().starts_with('{') {
+        return Err(DocumentError::KeyNotObject(raw.get().to_owned()));
+    }
+    serde_json::from_str(raw.get()).map_err(DocumentError::KeyNotJson)
+}
+
+/// A key value's kind, read off its first character (the value is valid JSON).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyValueKind {
+    String,
+    Scalar,
+    Null,
+    Nested,
+}
+
+fn key_value_kind(value: &RawValue) -> KeyValueKind {
+    match value.get().trim_start().as_bytes().first() {
+        Some(b'"') => KeyValueKind::String,
+        Some(b'n') => KeyValueKind::Null,
+        Some(b'{' | b'[') => KeyValueKind::Nested,
+        _ => KeyValueKind::Scalar,
     }
 }
 
-fn single_column_id(column: &str, value: &Value) -> Result<String, DocumentError> {
-    check_key_value(column, value)?;
-    let id = match value {
-        Value::String(text) => text.clone(),
-        scalar => scalar.to_string(),
+fn single_column_id(column: &str, value: &RawValue) -> Result<String, DocumentError> {
+    let id = match check_key_value(column, value)? {
+        KeyValueKind::String => {
+            serde_json::from_str::<String>(value.get()).map_err(DocumentError::KeyNotJson)?
+        }
+        // A number keeps its digits exactly as the source printed them; true/false as is.
+        _ => value.get().trim().to_owned(),
     };
     if id.is_empty() {
         return Err(DocumentError::EmptyId {
@@ -158,26 +184,39 @@ fn single_column_id(column: &str, value: &Value) -> Result<String, DocumentError
     Ok(id)
 }
 
-fn composite_id(columns: &[(&str, &Value)]) -> Result<String, DocumentError> {
-    for (column, value) in columns {
-        check_key_value(column, value)?;
+fn composite_id(columns: &[(&str, &RawValue)]) -> Result<String, DocumentError> {
+    let mut id = String::from("[");
+    for (position, (column, value)) in columns.iter().enumerate() {
+        let kind = check_key_value(column, value)?;
+        if position > 0 {
+            id.push(',');
+        }
+        match kind {
+            // Re-escaped the one way serde_json escapes, so the id never depends on how the
+            // key's writer chose to escape.
+            KeyValueKind::String => {
+                let text: String =
+                    serde_json::from_str(value.get()).map_err(DocumentError::KeyNotJson)?;
+                id.push_str(&serde_json::to_string(&text).unwrap_or_default());
+            }
+            _ => id.push_str(value.get().trim()),
+        }
     }
-    let values: Vec<&Value> = columns.iter().map(|(_, value)| *value).collect();
-    // Serializing scalars into a String cannot fail.
-    Ok(serde_json::to_string(&values).unwrap_or_default())
+    id.push(']');
+    Ok(id)
 }
 
 /// Only scalars form ids: a null would make different rows share one, and nested values have
 /// no canonical text.
-fn check_key_value(column: &str, value: &Value) -> Result<(), DocumentError> {
-    match value {
-        Value::Null => Err(DocumentError::NullKeyValue {
+fn check_key_value(column: &str, value: &RawValue) -> Result<KeyValueKind, DocumentError> {
+    match key_value_kind(value) {
+        KeyValueKind::Null => Err(DocumentError::NullKeyValue {
             column: column.to_owned(),
         }),
-        Value::Array(_) | Value::Object(_) => Err(DocumentError::NestedKeyValue {
+        KeyValueKind::Nested => Err(DocumentError::NestedKeyValue {
             column: column.to_owned(),
         }),
-        Value::Bool(_) | Value::Number(_) | Value::String(_) => Ok(()),
+        kind => Ok(kind),
     }
 }
 
@@ -250,21 +289,22 @@ impl DocumentShape {
         self.rename.get(column).map_or(column, String::as_str)
     }
 
-    /// The row as document fields: unkept columns dropped, renamed columns renamed. Errors when
-    /// a field would be named [`METADATA_FIELD`] or two columns would share one field.
-    pub fn apply(&self, row: Map<String, Value>) -> Result<Map<String, Value>, DocumentError> {
-        let mut document = Map::with_capacity(row.len() + 1);
-        let mut sources: BTreeMap<String, String> = BTreeMap::new();
-        for (column, value) in row {
-            if !self.keeps(&column) {
+    /// The row as document fields: unkept columns dropped, renamed columns renamed, values
+    /// untouched. Errors when a field would be named [`METADATA_FIELD`] or two columns would
+    /// share one field.
+    pub fn apply(&self, row: &RawRow) -> Result<RawRow, DocumentError> {
+        let mut document = RawRow::default();
+        let mut sources: BTreeMap<&str, &str> = BTreeMap::new();
+        for (column, value) in row.iter() {
+            if !self.keeps(column) {
                 continue;
             }
-            let field = self.field_name(&column).to_owned();
-            self.check_field(&column, &field)?;
-            if let Some(first) = sources.insert(field.clone(), column.clone()) {
-                return Err(self.field_collision(&field, &first, &column));
+            let field = self.field_name(column);
+            self.check_field(column, field)?;
+            if let Some(first) = sources.insert(field, column) {
+                return Err(self.field_collision(field, first, column));
             }
-            document.insert(field, value);
+            document.insert(field.to_owned(), value.to_owned());
         }
         Ok(document)
     }
@@ -355,6 +395,7 @@ impl DocumentMetadata {
         })
     }
 
+    #[cfg(test)]
     fn to_value(self) -> Value {
         // A struct of numbers, booleans and a static string always serializes.
         serde_json::to_value(self).unwrap_or(Value::Null)
@@ -363,7 +404,7 @@ impl DocumentMetadata {
 
 /// The body of the document a create, update or snapshot-read event writes: the shaped
 /// `after` image plus the metadata. Refuses events whose kept unchanged TOAST columns are not
-/// filled in yet.
+/// filled in yet. Values are copied byte for byte.
 pub fn document_body(shape: &DocumentShape, envelope: &Envelope) -> Result<Vec<u8>, DocumentError> {
     let op = envelope.op;
     if !matches!(
@@ -380,10 +421,10 @@ pub fn document_body(shape: &DocumentShape, envelope: &Envelope) -> Result<Vec<u
     }
     let after = envelope
         .after
-        .clone()
+        .as_ref()
         .ok_or(DocumentError::MissingAfter { op: op.code() })?;
     let document = shape.apply(after)?;
-    Ok(with_metadata(document, DocumentMetadata::of(envelope)))
+    Ok(with_metadata(&document, DocumentMetadata::of(envelope)))
 }
 
 /// The body of a soft tombstone for a delete event that came through `partition`: the shaped
@@ -402,18 +443,28 @@ pub fn soft_tombstone_body(
         });
     }
     let key = parse_key(key_json)?;
-    let document = shape.apply(key)?;
+    let document = shape.apply(&key)?;
     let metadata = DocumentMetadata {
         partition: Some(partition),
         ..DocumentMetadata::of(envelope)
     };
-    Ok(with_metadata(document, metadata))
+    Ok(with_metadata(&document, metadata))
 }
 
-fn with_metadata(mut document: Map<String, Value>, metadata: DocumentMetadata) -> Vec<u8> {
-    document.insert(METADATA_FIELD.to_owned(), metadata.to_value());
-    // A map of JSON values always serializes.
-    serde_json::to_vec(&document).unwrap_or_default()
+/// The document's fields, byte for byte, then the metadata object.
+fn with_metadata(document: &RawRow, metadata: DocumentMetadata) -> Vec<u8> {
+    let mut body = document.to_json();
+    body.pop(); // the closing brace
+    if !document.is_empty() {
+        body.push(b',');
+    }
+    body.push(b'"');
+    body.extend_from_slice(METADATA_FIELD.as_bytes());
+    body.extend_from_slice(b"\":");
+    // A struct of numbers, booleans and a static string always serializes.
+    let _ = serde_json::to_writer(&mut body, &metadata);
+    body.push(b'}');
+    body
 }
 
 #[cfg(test)]
@@ -443,6 +494,14 @@ mod tests {
 
     fn parse(body: &[u8]) -> Value {
         serde_json::from_slice(body).unwrap()
+    }
+
+    fn raw(value: Value) -> RawRow {
+        serde_json::from_str(&value.to_string()).unwrap()
+    }
+
+    fn value(row: &RawRow) -> Value {
+        serde_json::from_slice(&row.to_json()).unwrap()
     }
 
     #[test]
@@ -558,24 +617,19 @@ mod tests {
             rename: [("title".to_owned(), "name".to_owned())].into(),
             ..TableConfig::default()
         });
-        let row = json!({"id": 1, "title": "x", "secret": "s", "price": 3});
-        let Value::Object(row) = row else {
-            unreachable!()
-        };
-        let document = shape.apply(row).unwrap();
-        assert_eq!(Value::Object(document), json!({"id": 1, "name": "x"}));
+        let row = raw(json!({"id": 1, "title": "x", "secret": "s", "price": 3}));
+        let document = shape.apply(&row).unwrap();
+        assert_eq!(value(&document), json!({"id": 1, "name": "x"}));
     }
 
     #[test]
     fn an_empty_configuration_keeps_every_column_in_order() {
         let shape = shape(TableConfig::default());
-        let Value::Object(row) = json!({"b": 1, "a": null, "c": [1]}) else {
-            unreachable!()
-        };
-        let document = shape.apply(row.clone()).unwrap();
+        let row = raw(json!({"b": 1, "a": null, "c": [1]}));
+        let document = shape.apply(&row).unwrap();
         assert_eq!(document, row);
         assert_eq!(
-            document.keys().collect::<Vec<_>>(),
+            document.iter().map(|(name, _)| name).collect::<Vec<_>>(),
             ["b", "a", "c"],
             "column order is kept"
         );
@@ -584,10 +638,8 @@ mod tests {
     #[test]
     fn a_column_named_like_the_metadata_field_must_be_renamed() {
         let unconfigured = shape(TableConfig::default());
-        let Value::Object(row) = json!({"id": 1, "walsync": "x"}) else {
-            unreachable!()
-        };
-        let error = unconfigured.apply(row.clone()).unwrap_err();
+        let row = raw(json!({"id": 1, "walsync": "x"}));
+        let error = unconfigured.apply(&row).unwrap_err();
         assert!(
             error
                 .to_string()
@@ -599,14 +651,14 @@ mod tests {
             rename: [("walsync".to_owned(), "walsync_column".to_owned())].into(),
             ..TableConfig::default()
         });
-        let document = renamed.apply(row.clone()).unwrap();
-        assert_eq!(document["walsync_column"], "x");
+        let document = renamed.apply(&row).unwrap();
+        assert_eq!(document.get("walsync_column").unwrap().get(), "\"x\"");
 
         let excluded = shape(TableConfig {
             exclude_columns: vec!["walsync".into()],
             ..TableConfig::default()
         });
-        assert!(!excluded.apply(row).unwrap().contains_key("walsync"));
+        assert!(excluded.apply(&row).unwrap().get("walsync").is_none());
     }
 
     #[test]
@@ -662,11 +714,9 @@ mod tests {
             rename: [("a".to_owned(), "b".to_owned())].into(),
             ..TableConfig::default()
         });
-        let Value::Object(row) = json!({"a": 1, "b": 2}) else {
-            unreachable!()
-        };
+        let row = raw(json!({"a": 1, "b": 2}));
         assert!(matches!(
-            shape.apply(row),
+            shape.apply(&row),
             Err(DocumentError::FieldCollision { field, .. }) if field == "b"
         ));
     }
@@ -799,11 +849,43 @@ mod tests {
 
     #[test]
     fn ids_from_values_follow_the_same_rule_as_ids_from_keys() {
-        let (shop, sku) = (json!(1), json!("a"));
+        let shop = RawValue::from_string("1".into()).unwrap();
+        let sku = RawValue::from_string("\"a\"".into()).unwrap();
         assert_eq!(
             document_id_of(&[("shop", &shop), ("sku", &sku)]).unwrap(),
             document_id(br#"{"shop":1,"sku":"a"}"#).unwrap()
         );
         assert_eq!(document_id_of(&[("sku", &sku)]).unwrap(), "a");
+    }
+
+    #[test]
+    fn key_numbers_keep_their_digits_in_ids() {
+        assert_eq!(
+            document_id(br#"{"f":0.9407462388099621}"#).unwrap(),
+            "0.9407462388099621"
+        );
+        assert_eq!(
+            document_id(br#"{"f":0.9407462388099621,"n":123456789012345678901234567890}"#).unwrap(),
+            "[0.9407462388099621,123456789012345678901234567890]"
+        );
+        assert_eq!(
+            document_id(br#"{"a":"x\u00e9","b":"q\""}"#).unwrap(),
+            "[\"x\u{e9}\",\"q\\\"\"]",
+            "strings are re-escaped the one way serde_json escapes"
+        );
+    }
+
+    #[test]
+    fn a_document_body_copies_values_byte_for_byte() {
+        let shape = shape(TableConfig::default());
+        let payload = br#"{"before":null,"after":{"id":1,"f":0.9407462388099621,"j":{"n": 0.90372028726197960001}},"op":"c","ts_ms":5,"source":{"schema":"public","table":"products","txId":1,"lsn":4000,"commit_lsn":4096,"ts_ms":1,"snapshot":"false","system_id":"73","timeline":1}}"#;
+        let event = Envelope::parse(payload).unwrap();
+        let body = String::from_utf8(document_body(&shape, &event).unwrap()).unwrap();
+        assert!(
+            body.starts_with(
+                r#"{"id":1,"f":0.9407462388099621,"j":{"n": 0.90372028726197960001},"walsync":{"#
+            ),
+            "{body}"
+        );
     }
 }

@@ -19,3 +19,5 @@ pub mod compare;
 pub mod document;
 pub mod index;
 pub mod partitions;
+pub mod routing;
+pub mod toast;

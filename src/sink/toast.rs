@@ -1,0 +1,338 @@
+//! The TOAST fill rule: where the value of an unchanged TOASTed column comes from.
+//!
+//! pgoutput does not send a TOASTed value that an update left untouched (REPLICA IDENTITY
+//! DEFAULT or USING INDEX); the event lists the column in `unchanged_toast_columns`. The
+//! document must still be written whole, at the event's version (design invariant 6), so the
+//! value is taken from **the row's own state just before this event**, and from nowhere else:
+//!
+//! 1. **An earlier event of the same document in this batch**, if it is the row's latest state:
+//!    the newest event so far by version (ties: the later one), not a delete ("never across a
+//!    delete"). Streamed events of one key reach their partition in commit order, and a replay
+//!    re-sends them in that order, so the newest earlier streamed event is the row's previous
+//!    state. A snapshot row (`r`, versioned `cp − 1`) is interleaved with the stream at any
+//!    offset, so it may be stale: it is the previous state only if the stored document is not
+//!    newer than it (a streamed change applied in an earlier batch superseded it otherwise,
+//!    and the stored document is then the previous state).
+//! 2. **Else the stored document**, when it is live: every earlier event of this key was
+//!    applied before this batch, in order, so the stored document is the row's previous state
+//!    (or newer, in which case this event is stale and is rejected anyway).
+//! 3. **Else a re-read from PostgreSQL** by the event's key, on the table the record's topic
+//!    belongs to ([`RowSource`]). A value read later than the event is still safe: the row's
+//!    later changes arrive with higher versions and overwrite it, and row locks make every
+//!    earlier change of the row visible to the read (design invariant 10).
+//!
+//! A key change arrives as a delete of the old key and a create (`c`) of the new one; a `c`
+//! with unchanged columns can only be such a create. Its previous state lives under the old
+//! key, and whatever the batch or the index holds under the new key belongs to another row
+//! (one deleted in the same transaction, say), so it is always re-read (3).
+//!
+//! Outcomes of a re-read: the row's values fill the event; a row that is gone is superseded by
+//! a later delete of the same key in the same partition, so the event is skipped; a column that
+//! no longer exists (dropped since) is left out of the document, which then equals the row as
+//! the table has it now; anything that can never succeed (the table is gone, the key cannot be
+//! read back) dead-letters the event with the reason. PostgreSQL being unreachable is waited out.
+
+use std::collections::HashMap;
+
+use crate::event::RawRow;
+
+/// What the rule needs to know of one event of a batch, in partition order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchEvent<'a> {
+    /// The index and document id it writes (`None`: no document, e.g. an unreadable key).
+    pub document: Option<(&'a str, &'a str)>,
+    pub version: u64,
+    pub kind: EventKind,
+    /// Whether it has kept columns whose value did not travel.
+    pub needs_fill: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// A streamed insert or update (`c`, `u`).
+    Streamed,
+    /// The create of a key change's new key (a `c` whose values did not all travel).
+    KeyChange,
+    /// A snapshot row (`r`).
+    SnapshotRow,
+    /// A delete (`d`).
+    Delete,
+}
+
+/// Where one event's missing values come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FillPlan {
+    /// Nothing is missing.
+    Nothing,
+    /// From the (already filled) event at this position of the batch.
+    Batch(usize),
+    /// From the snapshot row at this position, unless the stored document is newer than it.
+    SnapshotRowUnlessStoredNewer(usize),
+    /// From the stored document when it is live, else re-read.
+    Stored,
+    /// Re-read from PostgreSQL.
+    Reread,
+}
+
+impl FillPlan {
+    /// Whether the plan needs the stored document.
+    pub fn reads_stored(self) -> bool {
+        matches!(
+            self,
+            FillPlan::Stored | FillPlan::SnapshotRowUnlessStoredNewer(_)
+        )
+    }
+}
+
+/// The newest state of a document seen so far in the batch.
+#[derive(Debug, Clone, Copy)]
+enum Latest {
+    Row {
+        position: usize,
+        version: u64,
+        snapshot: bool,
+    },
+    Deleted {
+        version: u64,
+    },
+}
+
+impl Latest {
+    fn version(self) -> u64 {
+        match self {
+            Latest::Row { version, .. } | Latest::Deleted { version } => version,
+        }
+    }
+}
+
+/// The fill plan of every event of a batch (see the module doc).
+pub fn plan(events: &[BatchEvent<'_>]) -> Vec<FillPlan> {
+    let mut latest: HashMap<(&str, &str), Latest> = HashMap::new();
+    let mut plans = Vec::with_capacity(events.len());
+    for (position, event) in events.iter().enumerate() {
+        let Some(document) = event.document else {
+            plans.push(FillPlan::Nothing);
+            continue;
+        };
+        let seen = latest.get(&document).copied();
+        plans.push(if event.needs_fill {
+            plan_one(event, seen)
+        } else {
+            FillPlan::Nothing
+        });
+        // Sequential application with external_gte ends with the newest version, the later
+        // of equals.
+        if seen.is_none_or(|seen| event.version >= seen.version()) {
+            let state = match event.kind {
+                EventKind::Delete => Latest::Deleted {
+                    version: event.version,
+                },
+                EventKind::Streamed | EventKind::KeyChange | EventKind::SnapshotRow => {
+                    Latest::Row {
+                        position,
+                        version: event.version,
+                        snapshot: event.kind == EventKind::SnapshotRow,
+                    }
+                }
+            };
+            latest.insert(document, state);
+        }
+    }
+    plans
+}
+
+fn plan_one(event: &BatchEvent<'_>, seen: Option<Latest>) -> FillPlan {
+    // A key change's previous state is under the old key; snapshot rows never lack values.
+    if event.kind != EventKind::Streamed {
+        return FillPlan::Reread;
+    }
+    match seen {
+        None => FillPlan::Stored,
+        Some(Latest::Row {
+            position,
+            version,
+            snapshot,
+        }) if version <= event.version => {
+            if snapshot {
+                FillPlan::SnapshotRowUnlessStoredNewer(position)
+            } else {
+                FillPlan::Batch(position)
+            }
+        }
+        // A delete, or a newer state than this (stale) event: nothing in the batch is the
+        // row's previous state.
+        Some(_) => FillPlan::Reread,
+    }
+}
+
+/// Copies the values of `columns` found in `from` (by field name `field_of(column)`) into
+/// `into`; returns the columns still missing.
+pub fn fill_from<'c>(
+    into: &mut RawRow,
+    columns: &'c [String],
+    from: &RawRow,
+    field_of: impl Fn(&str) -> String,
+) -> Vec<&'c String> {
+    let mut missing = Vec::new();
+    for column in columns {
+        match from.get(&field_of(column)) {
+            Some(value) => into.insert(column.clone(), value.to_owned()),
+            None => missing.push(column),
+        }
+    }
+    missing
+}
+
+/// A stored document, as a TOAST fill reads it.
+#[derive(Debug, Clone)]
+pub struct StoredDocument {
+    pub version: u64,
+    pub deleted: bool,
+    /// The document's fields (after the table's shaping), values raw.
+    pub fields: RawRow,
+}
+
+/// The result of re-reading one row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RowRead {
+    /// The row's values of the requested columns that still exist, and the requested columns
+    /// that no longer exist in the table.
+    Found {
+        values: RawRow,
+        dropped: Vec<String>,
+    },
+    /// No row has this key now: a later delete of the key supersedes the event.
+    Gone,
+}
+
+/// Why a re-read failed, and what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum RowSourceError {
+    /// PostgreSQL is unreachable, restarting or overloaded: try again later.
+    #[error("{0}")]
+    Transient(String),
+    /// The read can never succeed (the table is gone, the key cannot be read back): the event
+    /// is dead-lettered with this reason.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+/// Where re-reads go: PostgreSQL in production (`crate::postgres::row_reader`), a map in unit
+/// tests.
+pub trait RowSource: Send + Sync {
+    /// Reads `columns` of the row of `schema.table` whose key columns have the values in `key`
+    /// (the record key: JSON values as the source wrote them).
+    fn read_row<'a>(
+        &'a self,
+        schema: &'a str,
+        table: &'a str,
+        key: &'a RawRow,
+        columns: &'a [String],
+    ) -> futures_util::future::BoxFuture<'a, Result<RowRead, RowSourceError>>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(
+        id: &'static str,
+        version: u64,
+        kind: EventKind,
+        needs_fill: bool,
+    ) -> BatchEvent<'static> {
+        BatchEvent {
+            document: Some(("i", id)),
+            version,
+            kind,
+            needs_fill,
+        }
+    }
+
+    fn key_change(id: &'static str, version: u64) -> BatchEvent<'static> {
+        event(id, version, EventKind::KeyChange, true)
+    }
+
+    use EventKind::{Delete, SnapshotRow, Streamed};
+
+    #[test]
+    fn the_newest_earlier_streamed_event_fills() {
+        let plans = plan(&[
+            event("1", 10, Streamed, false),
+            event("1", 20, Streamed, true),
+            event("2", 20, Streamed, true),
+        ]);
+        assert_eq!(
+            plans,
+            [FillPlan::Nothing, FillPlan::Batch(0), FillPlan::Stored]
+        );
+    }
+
+    #[test]
+    fn never_across_a_delete() {
+        let plans = plan(&[
+            event("2", 10, Streamed, false),
+            event("2", 20, Delete, false),
+            event("2", 20, Streamed, true),
+        ]);
+        assert_eq!(plans[2], FillPlan::Reread);
+    }
+
+    #[test]
+    fn a_key_change_onto_a_key_deleted_in_the_same_transaction_is_re_read() {
+        // BEGIN; DELETE id=2; UPDATE id=1 SET id=2; COMMIT — with the index holding row 2.
+        let plans = plan(&[
+            event("2", 30, Delete, false),
+            event("1", 30, Delete, false),
+            key_change("2", 30),
+        ]);
+        assert_eq!(plans[2], FillPlan::Reread);
+        // Nothing in the batch either: still not the stored document of the new key.
+        assert_eq!(plan(&[key_change("2", 30)]), [FillPlan::Reread]);
+    }
+
+    #[test]
+    fn a_snapshot_row_a_newer_change_superseded_never_fills() {
+        // In the batch: the streamed change wins over the later snapshot row.
+        let plans = plan(&[
+            event("1", 100, Streamed, false),
+            event("1", 49, SnapshotRow, false),
+            event("1", 110, Streamed, true),
+        ]);
+        assert_eq!(plans[2], FillPlan::Batch(0));
+        // Alone in the batch: only if the stored document is not newer.
+        let plans = plan(&[
+            event("1", 49, SnapshotRow, false),
+            event("1", 110, Streamed, true),
+        ]);
+        assert_eq!(plans[1], FillPlan::SnapshotRowUnlessStoredNewer(0));
+    }
+
+    #[test]
+    fn replays_fill_from_the_replayed_previous_event() {
+        // Applied before: v10, v20, v30. Replayed: v20, then v30 lacking a value.
+        let plans = plan(&[
+            event("1", 20, Streamed, false),
+            event("1", 30, Streamed, true),
+        ]);
+        assert_eq!(plans[1], FillPlan::Batch(0));
+    }
+
+    #[test]
+    fn an_event_older_than_the_batchs_state_is_re_read() {
+        let plans = plan(&[
+            event("1", 50, Streamed, false),
+            event("1", 40, Streamed, true),
+        ]);
+        assert_eq!(plans[1], FillPlan::Reread);
+    }
+
+    #[test]
+    fn documents_are_independent() {
+        let plans = plan(&[
+            event("1", 10, Delete, false),
+            event("2", 20, Streamed, true),
+        ]);
+        assert_eq!(plans[1], FillPlan::Stored);
+    }
+}
