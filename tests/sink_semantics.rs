@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::kafka::topic_size;
 use common::pipeline::{RunningPipeline, pipeline_config, search_client, wait_equal};
+use common::sink::{RunningSink, produce_keyed, stored_document};
 use common::source::{drop_slot, name, sql};
 use common::{stack, wait_for};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -16,14 +17,13 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 use walsync::shell::config::{Config, DeleteMode};
-use walsync::sink::apply::{Sink, SinkStats};
 use walsync::sink::index::{ensure_index, refresh};
 
 const SYSTEM_ID: &str = "7000000000000000001";
 
 /// A sink configuration reading `<name>.public.items`.
 fn sink_config(name: &str) -> Config {
-    let mut config = pipeline_config(name, &[]);
+    let mut config = pipeline_config(name, &["public.items"]);
     config.sink.linger_ms = 5;
     config
 }
@@ -43,7 +43,7 @@ fn envelope(op: &str, id: i64, note: Option<&str>, commit_lsn: u64) -> Value {
         "after": if op == "d" { Value::Null } else { image.unwrap_or(Value::Null) },
         "op": op,
         "ts_ms": 0,
-        "source": {"version": "test", "connector": "walsync", "name": "t", "db": "walsync",
+        "source": {"version": "test", "connector": "walsync", "db": "walsync",
                    "schema": "public", "table": "items", "txId": 1, "lsn": commit_lsn,
                    "commit_lsn": commit_lsn, "ts_ms": 0, "snapshot": "false",
                    "system_id": SYSTEM_ID, "timeline": 1}
@@ -52,79 +52,20 @@ fn envelope(op: &str, id: i64, note: Option<&str>, commit_lsn: u64) -> Value {
 
 /// Writes events in order (same key → same partition, so this is their partition order).
 async fn produce(topic: &str, events: &[Value]) {
-    let producer: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &stack().kafka_brokers)
-        .create()
-        .expect("producer");
-    for event in events {
-        let key = json!({"id": event["after"]["id"].as_i64().or(event["before"]["id"].as_i64())})
-            .to_string();
-        let value = event.to_string();
-        producer
-            .send(
-                FutureRecord::to(topic).key(&key).payload(&value),
-                Duration::from_secs(30),
-            )
-            .await
-            .map_err(|(error, _)| error)
-            .expect("produce");
-    }
-}
-
-struct RunningSink {
-    stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    stats: Arc<SinkStats>,
-    sink: Arc<Sink>,
-}
-
-impl RunningSink {
-    async fn start(config: Config) -> Self {
-        let sink = Arc::new(Sink::new(config).await.expect("create the sink"));
-        let stats = Arc::clone(&sink.stats);
-        let (stop, stopped) = watch::channel(false);
-        let running = Arc::clone(&sink);
-        let task = tokio::spawn(async move { running.run(stopped).await });
-        Self {
-            stop,
-            task,
-            stats,
-            sink,
-        }
-    }
-
-    async fn wait_processed(&self, events: u64) {
-        let stats = Arc::clone(&self.stats);
-        wait_for(
-            "the sink to process the events",
-            Duration::from_secs(60),
-            || {
-                let seen = stats.indexed.load(Ordering::Relaxed)
-                    + stats.deleted.load(Ordering::Relaxed)
-                    + stats.stale.load(Ordering::Relaxed)
-                    + stats.dead_lettered.load(Ordering::Relaxed);
-                async move { (seen >= events).then_some(()) }
-            },
-        )
-        .await;
-    }
-
-    async fn stop(self) -> anyhow::Result<()> {
-        let _ = self.stop.send(true);
-        self.task.await.expect("no panic")
-    }
+    let keyed: Vec<(String, Value)> = events
+        .iter()
+        .map(|event| {
+            let id = event["after"]["id"]
+                .as_i64()
+                .or(event["before"]["id"].as_i64());
+            (json!({ "id": id }).to_string(), event.clone())
+        })
+        .collect();
+    produce_keyed(topic, &keyed).await;
 }
 
 async fn stored(alias: &str, id: i64) -> Option<Value> {
-    let client = search_client();
-    refresh(&client, alias).await.expect("refresh");
-    let response = client
-        .get(elasticsearch::GetParts::IndexId(alias, &id.to_string()))
-        .send()
-        .await
-        .expect("get");
-    let document: Value = response.json().await.expect("json");
-    (document["found"] == json!(true)).then(|| document["_source"].clone())
+    stored_document(alias, &id.to_string()).await
 }
 
 fn alias(config: &Config) -> String {

@@ -252,7 +252,7 @@ async fn deletes_during_a_copy_never_bring_rows_back_and_no_tombstone_outlives_t
 async fn a_copy_completed_record_purges_only_its_partitions_soft_tombstones() {
     const SYSTEM_ID: &str = "7000000000000000002";
     let name = name("sink_tomb");
-    let mut config = pipeline_config(&name, &[]);
+    let mut config = pipeline_config(&name, &["public.items"]);
     config.sink.linger_ms = 5;
     let topic = format!("{name}.public.items");
     walsync::kafka::topics::ensure_topics(&config.kafka, std::slice::from_ref(&topic))
@@ -263,7 +263,7 @@ async fn a_copy_completed_record_purges_only_its_partitions_soft_tombstones() {
             "before": if op == "d" { json!({"id": id}) } else { Value::Null },
             "after": if op == "d" { Value::Null } else { json!({"id": id, "note": "x"}) },
             "op": op, "ts_ms": 0,
-            "source": {"version": "test", "connector": "walsync", "name": "t", "db": "walsync",
+            "source": {"version": "test", "connector": "walsync", "db": "walsync",
                        "schema": "public", "table": "items", "txId": 1, "lsn": commit_lsn,
                        "commit_lsn": commit_lsn, "ts_ms": 0, "snapshot": "false",
                        "system_id": SYSTEM_ID, "timeline": 1, "soft_delete": soft_delete}

@@ -7,6 +7,7 @@ pub mod kafka;
 pub mod literals;
 pub mod pipeline;
 pub mod process;
+pub mod sink;
 pub mod source;
 
 use std::collections::HashMap;

@@ -1,0 +1,821 @@
+//! The index equals the table: one test per divergence the independent check of issue #11
+//! found, against the real stack. Each of them failed on f2ed01d.
+
+mod common;
+
+use std::process::Command;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use common::kafka::read_topic_until;
+use common::pipeline::{
+    RunningPipeline, alias_of, compare, pipeline_config, search_client, wait_equal,
+};
+use common::process::{Walsync, test_binary};
+use common::sink::{RunningSink, produce_keyed, stored_document, stored_source_text};
+use common::source::{drop_slot, name, sql};
+use common::{stack, wait_for};
+use rdkafka::admin::{AdminClient, AdminOptions};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::{Value, json};
+use walsync::shell::config::Config;
+use walsync::sink::index::refresh;
+
+const SYSTEM_ID: &str = "7000000000000000011";
+
+/// A large text stored out of line, different for each `seed`.
+fn big(seed: &str) -> String {
+    format!("(SELECT string_agg(md5(g::text || '{seed}'), '') FROM generate_series(1, 600) g)")
+}
+
+async fn toast_table(client: &tokio_postgres::Client, table: &str, key: &str) {
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} ({key} PRIMARY KEY, note text, big text);
+             ALTER TABLE {table} ALTER COLUMN big SET STORAGE EXTERNAL;"
+        ))
+        .await
+        .expect("create the table");
+}
+
+async fn wait_document(alias: &str, id: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+    wait_for(what, Duration::from_secs(60), || async {
+        stored_document(alias, id)
+            .await
+            .filter(|document| check(document))
+    })
+    .await
+}
+
+async fn md5_of_big(client: &tokio_postgres::Client, table: &str, condition: &str) -> String {
+    client
+        .query_one(
+            &format!("SELECT md5(big) FROM {table} WHERE {condition}"),
+            &[],
+        )
+        .await
+        .expect("read the row")
+        .get(0)
+}
+
+fn md5_of(value: &Value) -> String {
+    use std::fmt::Write as _;
+    let text = value.as_str().expect("a text value");
+    let digest = md5_digest(text.as_bytes());
+    digest.iter().fold(String::new(), |mut hex, byte| {
+        let _ = write!(hex, "{byte:02x}");
+        hex
+    })
+}
+
+/// MD5 by the coreutils `md5sum`, so the test needs no hashing crate.
+fn md5_digest(bytes: &[u8]) -> Vec<u8> {
+    let output = Command::new("md5sum")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write as _;
+            child.stdin.take().expect("stdin").write_all(bytes)?;
+            child.wait_with_output()
+        })
+        .expect("run md5sum");
+    let hex = String::from_utf8(output.stdout).expect("md5sum prints text");
+    (0..32)
+        .step_by(2)
+        .map(|at| u8::from_str_radix(&hex[at..at + 2], 16).expect("hex"))
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Numbers are never re-formatted, and verify compares values exactly.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn numbers_reach_the_document_digit_for_digit_and_verify_sees_a_one_ulp_change() {
+    let name = name("exact_numbers");
+    let table = format!("public.{name}");
+    let client = sql().await;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id int PRIMARY KEY, f float8, j jsonb, n numeric, big text);
+             ALTER TABLE {table} ALTER COLUMN big SET STORAGE EXTERNAL;"
+        ))
+        .await
+        .expect("create the table");
+    let config = pipeline_config(&name, &[&table]);
+    let pipeline = RunningPipeline::start(config.clone()).await;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {table} VALUES
+               (1, 0.9407462388099621, '{{\"n\": 0.90372028726197960001, \"big\": 123456789012345678901234567890}}',
+                1234567890123456789012345678901234567890.5, {big}),
+               (2, 5e-324, '{{\"n\": [0.9037202872619797, 1.50]}}', 'NaN', 'small')",
+            big = big("one")
+        ))
+        .await
+        .expect("insert");
+    let alias = alias_of(&config, "public", &name);
+    wait_equal(&config, "public", &name, &["id"], Duration::from_secs(60)).await;
+    let jsonb: String = client
+        .query_one(&format!("SELECT j::text FROM {table} WHERE id = 1"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    let source = stored_source_text(&alias, "1").await.expect("document 1");
+    for expected in [
+        "\"f\":0.9407462388099621".to_owned(),
+        format!("\"j\":{jsonb}"),
+        "\"n\":\"1234567890123456789012345678901234567890.5\"".to_owned(),
+    ] {
+        assert!(source.contains(&expected), "{expected} not in {source}");
+    }
+    let source = stored_source_text(&alias, "2").await.expect("document 2");
+    assert!(source.contains("\"f\":5e-324"), "{source}");
+    assert!(source.contains("[0.9037202872619797, 1.50]"), "{source}");
+    pipeline.stop().await;
+
+    // verify's comparison core: a one-ulp change, a wrong TOAST value, a missing document.
+    // Documents are written by hand as text: parsing them would re-format their numbers.
+    let search = search_client();
+    let original = stored_source_text(&alias, "1").await.unwrap();
+    let write_text = |text: String| {
+        let search = search.clone();
+        let alias = alias.clone();
+        async move {
+            let response = search
+                .send(
+                    elasticsearch::http::Method::Put,
+                    &format!("/{alias}/_doc/1"),
+                    elasticsearch::http::headers::HeaderMap::new(),
+                    Option::<&()>::None,
+                    Some(text),
+                    None,
+                )
+                .await
+                .expect("write document 1 by hand");
+            assert!(response.status_code().is_success());
+        }
+    };
+    // 0.9407462388099622 is the next float8 after 0.9407462388099621.
+    write_text(original.replace("0.9407462388099621", "0.9407462388099622")).await;
+    let report = compare(&config, "public", &name, &["id"]).await;
+    assert_eq!(report.different.len(), 1, "{report:#?}");
+    assert_eq!(report.different[0].1, ["f"], "{report:#?}");
+
+    let parsed: Value = serde_json::from_str(&original).unwrap();
+    let big_value = parsed["big"].as_str().unwrap();
+    write_text(original.replace(big_value, "not the row's value")).await;
+    let report = compare(&config, "public", &name, &["id"]).await;
+    assert_eq!(report.different[0].1, ["big"], "{report:#?}");
+
+    let response = search
+        .delete(elasticsearch::DeleteParts::IndexId(&alias, "2"))
+        .send()
+        .await
+        .expect("delete document 2");
+    assert!(response.status_code().is_success());
+    refresh(&search, &alias).await.unwrap();
+    let report = compare(&config, "public", &name, &["id"]).await;
+    assert_eq!(report.missing, ["2"], "{report:#?}");
+    drop_slot(&name).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Unchanged TOAST values come from the row's own latest state only.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_key_change_onto_a_key_deleted_in_the_same_transaction_keeps_the_moved_rows_toast() {
+    let name = name("exact_toast_move");
+    let table = format!("public.{name}");
+    let client = sql().await;
+    toast_table(&client, &table, "id int").await;
+    let config = pipeline_config(&name, &[&table]);
+    let pipeline = RunningPipeline::start(config.clone()).await;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {table} VALUES (1, 'a', {}), (2, 'b', {})",
+            big("one"),
+            big("two")
+        ))
+        .await
+        .expect("insert");
+    wait_equal(&config, "public", &name, &["id"], Duration::from_secs(60)).await;
+    let moved = md5_of_big(&client, &table, "id = 1").await;
+    client
+        .batch_execute(&format!(
+            "BEGIN; DELETE FROM {table} WHERE id = 2; UPDATE {table} SET id = 2 WHERE id = 1; COMMIT;
+             UPDATE {table} SET note = 'after' WHERE id = 2;"
+        ))
+        .await
+        .expect("move row 1 onto the deleted key 2");
+    let alias = alias_of(&config, "public", &name);
+    let document = wait_document(&alias, "2", "document 2 after the move", |document| {
+        document["note"] == "after"
+    })
+    .await;
+    assert_eq!(
+        md5_of(&document["big"]),
+        moved,
+        "document 2 has the moved row's big"
+    );
+    wait_equal(&config, "public", &name, &["id"], Duration::from_secs(60)).await;
+    pipeline.stop().await;
+    drop_slot(&name).await;
+}
+
+/// The sink-only configuration of one table `public.items` whose events a test writes itself.
+fn sink_config(name: &str) -> Config {
+    let mut config = pipeline_config(name, &["public.items"]);
+    config.sink.linger_ms = 20;
+    config
+}
+
+async fn items_topic(config: &Config) -> String {
+    let topic = format!("{}.public.items", config.kafka.topic_prefix);
+    walsync::kafka::topics::ensure_topics(&config.kafka, std::slice::from_ref(&topic))
+        .await
+        .expect("create the topic");
+    topic
+}
+
+fn items_alias(config: &Config) -> String {
+    format!("{}public.items", config.elasticsearch.index_prefix)
+}
+
+/// An event of `public.items`; `after` as given, `unchanged` its unchanged TOAST columns.
+fn event(op: &str, id: i64, after: Value, commit_lsn: u64, unchanged: &[&str]) -> (String, Value) {
+    let mut value = json!({
+        "before": if op == "d" { json!({"id": id}) } else { Value::Null },
+        "after": if op == "d" { Value::Null } else { after },
+        "op": op,
+        "ts_ms": 0,
+        "source": {"version": "test", "connector": "walsync", "db": "walsync",
+                   "schema": "public", "table": "items", "txId": 1, "lsn": commit_lsn - 1,
+                   "commit_lsn": commit_lsn, "ts_ms": 0,
+                   "snapshot": if op == "r" { "true" } else { "false" },
+                   "system_id": SYSTEM_ID, "timeline": 1}
+    });
+    if !unchanged.is_empty() {
+        value["unchanged_toast_columns"] = json!(unchanged);
+    }
+    (json!({ "id": id }).to_string(), value)
+}
+
+#[tokio::test]
+async fn a_snapshot_row_a_streamed_change_superseded_never_fills_a_later_update() {
+    let config = sink_config(&name("exact_toast_snapshot"));
+    let topic = items_topic(&config).await;
+    let alias = items_alias(&config);
+    // A streamed change (big = "new") is applied first.
+    produce_keyed(
+        &topic,
+        &[event(
+            "u",
+            1,
+            json!({"id": 1, "note": "a", "big": "new"}),
+            1_000,
+            &[],
+        )],
+    )
+    .await;
+    let sink = RunningSink::start(config.clone()).await;
+    sink.wait_processed(1).await;
+    sink.stop().await.expect("clean stop");
+    // Then, in one batch: the copy's stale row (cp − 1 below the change) and an update that
+    // left big untouched.
+    produce_keyed(
+        &topic,
+        &[
+            event(
+                "r",
+                1,
+                json!({"id": 1, "note": "a", "big": "old"}),
+                499,
+                &[],
+            ),
+            event("u", 1, json!({"id": 1, "note": "b"}), 1_100, &["big"]),
+        ],
+    )
+    .await;
+    let sink = RunningSink::start(config.clone()).await;
+    let document = wait_document(&alias, "1", "the update", |document| {
+        document["note"] == "b"
+    })
+    .await;
+    sink.stop().await.expect("clean stop");
+    assert_eq!(
+        document["big"], "new",
+        "filled from the row's state, not the stale copy"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. The re-read binds the key's values, and has an outcome for every failure.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn rows_with_bytea_and_array_keys_survive_key_changes_that_leave_toast_untouched() {
+    let name = name("exact_keys");
+    let bytea_table = format!("public.{name}_b");
+    let array_table = format!("public.{name}_a");
+    let client = sql().await;
+    toast_table(&client, &bytea_table, "k bytea").await;
+    toast_table(&client, &array_table, "k int[]").await;
+    let config = pipeline_config(&name, &[&bytea_table, &array_table]);
+    let pipeline = RunningPipeline::start(config.clone()).await;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {bytea_table} VALUES ('\\x01', 'a', {});
+             INSERT INTO {array_table} VALUES ('{{1,2}}', 'a', {});
+             UPDATE {bytea_table} SET k = '\\x10' WHERE k = '\\x01';
+             UPDATE {array_table} SET k = '{{3,NULL}}' WHERE k = '{{1,2}}';
+             UPDATE {bytea_table} SET note = 'later' WHERE k = '\\x10';
+             UPDATE {array_table} SET note = 'later' WHERE k = '{{3,NULL}}';",
+            big("b"),
+            big("a")
+        ))
+        .await
+        .expect("write");
+    for (table, key) in [(&bytea_table, "k"), (&array_table, "k")] {
+        let (_, short) = table.split_once('.').unwrap();
+        wait_equal(&config, "public", short, &[key], Duration::from_secs(60)).await;
+    }
+    let document = stored_document(&alias_of(&config, "public", &format!("{name}_b")), "EA==")
+        .await
+        .expect("the moved bytea row");
+    assert_eq!(document["note"], "later");
+    assert_eq!(
+        md5_of(&document["big"]),
+        md5_of_big(&client, &bytea_table, "k = '\\x10'").await
+    );
+    pipeline.stop().await;
+    drop_slot(&name).await;
+}
+
+#[tokio::test]
+async fn a_dropped_column_is_left_out_and_a_vanished_row_is_skipped() {
+    let config = sink_config(&name("exact_reread"));
+    let client = sql().await;
+    // The topic's table: row 1 exists (without the column `gone`), row 2 does not.
+    let schema = format!("{}_s", config.kafka.topic_prefix);
+    let mut config = config;
+    config.postgres.tables = vec![format!("{schema}.items")];
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA {schema}; CREATE TABLE {schema}.items (id int PRIMARY KEY, note text, big text);
+             INSERT INTO {schema}.items VALUES (1, 'x', 'the big value');"
+        ))
+        .await
+        .expect("create the table");
+    let topic = format!("{}.{schema}.items", config.kafka.topic_prefix);
+    walsync::kafka::topics::ensure_topics(&config.kafka, std::slice::from_ref(&topic))
+        .await
+        .expect("create the topic");
+    let with_schema = |(key, mut value): (String, Value)| {
+        value["source"]["schema"] = json!(schema);
+        (key, value)
+    };
+    produce_keyed(
+        &topic,
+        &[
+            with_schema(event(
+                "u",
+                1,
+                json!({"id": 1, "note": "x"}),
+                1_000,
+                &["big", "gone"],
+            )),
+            with_schema(event(
+                "u",
+                2,
+                json!({"id": 2, "note": "y"}),
+                1_000,
+                &["big"],
+            )),
+            with_schema(event(
+                "c",
+                3,
+                json!({"id": 3, "note": "z", "big": "b"}),
+                1_001,
+                &[],
+            )),
+        ],
+    )
+    .await;
+    let sink = RunningSink::start(config.clone()).await;
+    let alias = format!("{}{schema}.items", config.elasticsearch.index_prefix);
+    let document = wait_document(&alias, "1", "document 1", |_| true).await;
+    wait_document(&alias, "3", "document 3", |_| true).await;
+    let dead = sink.stats.dead_lettered.load(Ordering::Relaxed);
+    sink.stop().await.expect("clean stop");
+    assert_eq!(document["big"], "the big value", "re-read by the bound key");
+    assert!(document.get("gone").is_none(), "{document}");
+    assert_eq!(
+        stored_document(&alias, "2").await,
+        None,
+        "a vanished row is skipped"
+    );
+    assert_eq!(dead, 0);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. The topic decides, not the payload.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn forged_records_are_dead_lettered_and_touch_no_other_table() {
+    let name = name("exact_forged");
+    let table = format!("public.{name}");
+    let secret = format!("public.{name}_secret");
+    let client = sql().await;
+    toast_table(&client, &table, "id int").await;
+    toast_table(&client, &secret, "id int").await;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {secret} VALUES (1, 'n', 'the secret')"
+        ))
+        .await
+        .unwrap();
+    let config = pipeline_config(&name, &[&table]);
+    let pipeline = RunningPipeline::start(config.clone()).await;
+    client
+        .batch_execute(&format!("INSERT INTO {table} VALUES (1, 'a', 'small')"))
+        .await
+        .unwrap();
+    wait_equal(&config, "public", &name, &["id"], Duration::from_secs(60)).await;
+    let system_id: String = client
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let topic = format!("{name}.public.{name}");
+    let forged = |table_name: &str, id: i64| {
+        let (key, mut value) = event("u", id, json!({"id": id, "note": "x"}), 9_000_000, &["big"]);
+        value["source"]["table"] = json!(table_name);
+        value["source"]["system_id"] = json!(system_id);
+        (key, value)
+    };
+    let secret_name = format!("{name}_secret");
+    produce_keyed(
+        &topic,
+        &[
+            forged(&secret_name, 1),
+            forged(&format!("{secret_name}'; select 1; --"), 1),
+            forged(&secret_name, 2),
+            forged(&format!("{secret_name}\"; drop table x; --"), 3),
+        ],
+    )
+    .await;
+    client
+        .batch_execute(&format!("UPDATE {table} SET note = 'real' WHERE id = 1"))
+        .await
+        .unwrap();
+    let alias = alias_of(&config, "public", &name);
+    wait_document(&alias, "1", "the real update", |document| {
+        document["note"] == "real"
+    })
+    .await;
+    let mut reasons = Vec::new();
+    read_topic_until(&format!("{name}.dlq"), Duration::from_secs(30), |record| {
+        reasons.extend(record.headers.get("walsync.dlq.reason").cloned());
+        reasons.len() >= 4
+    })
+    .await;
+    assert_eq!(reasons.len(), 4, "{reasons:?}");
+    assert!(
+        reasons
+            .iter()
+            .all(|reason| reason.contains("routed by topic")),
+        "{reasons:?}"
+    );
+    let indices: Value = search_client()
+        .cat()
+        .indices(elasticsearch::cat::CatIndicesParts::Index(&[&format!(
+            "{name}-*"
+        )]))
+        .format("json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = indices
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|index| index["index"].as_str())
+        .collect();
+    assert!(
+        names.iter().all(|index| !index.contains("secret")),
+        "{names:?}"
+    );
+    pipeline.stop().await;
+    drop_slot(&name).await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Never jump over a gap, while running.
+// ---------------------------------------------------------------------------------------------
+
+fn group_offsets(config: &Config, topic: &str, partitions: i32) -> Vec<Offset> {
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &stack().kafka_brokers)
+        .set("group.id", &config.sink.group_id)
+        .create()
+        .expect("a consumer");
+    let mut list = TopicPartitionList::new();
+    for partition in 0..partitions {
+        list.add_partition(topic, partition);
+    }
+    let committed = consumer
+        .committed_offsets(list, Duration::from_secs(10))
+        .expect("committed offsets");
+    (0..partitions)
+        .map(|partition| committed.find_partition(topic, partition).unwrap().offset())
+        .collect()
+}
+
+fn high_watermarks(topic: &str, partitions: i32) -> Vec<i64> {
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &stack().kafka_brokers)
+        .create()
+        .expect("a consumer");
+    (0..partitions)
+        .map(|partition| {
+            consumer
+                .fetch_watermarks(topic, partition, Duration::from_secs(10))
+                .expect("watermarks")
+                .1
+        })
+        .collect()
+}
+
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("run kill");
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn a_running_sink_stops_when_records_it_has_not_applied_are_deleted() {
+    let name = name("exact_gap");
+    let config = sink_config(&name);
+    let topic = items_topic(&config).await;
+    let partitions = config.kafka.partitions;
+    let first: Vec<(String, Value)> = (1..=100)
+        .map(|id| {
+            event(
+                "c",
+                id,
+                json!({"id": id, "note": "first"}),
+                1_000 + id as u64,
+                &[],
+            )
+        })
+        .collect();
+    produce_keyed(&topic, &first).await;
+    // The same consumer group as `config`'s; the [sink] section comes last.
+    let toml = format!(
+        "{}linger_ms = 5\n",
+        common::process::pipeline_config(&name, &["public.items"])
+    );
+    let mut sink = Walsync::spawn_binary(&test_binary(), "sink", &name, &toml);
+    let end = high_watermarks(&topic, partitions);
+    wait_for(
+        "the sink to commit the first records",
+        Duration::from_secs(90),
+        || {
+            let done = group_offsets(&config, &topic, partitions)
+                .iter()
+                .zip(&end)
+                .all(|(committed, end)| *committed == Offset::Offset(*end));
+            async move { done.then_some(()) }
+        },
+    )
+    .await;
+    signal(sink.pid(), "-STOP");
+    let more: Vec<(String, Value)> = (101..=5_100)
+        .map(|id| {
+            event(
+                "c",
+                id,
+                json!({"id": id, "note": "second"}),
+                2_000 + id as u64,
+                &[],
+            )
+        })
+        .collect();
+    produce_keyed(&topic, &more).await;
+    // Retention (or deleteRecords) removes most of what the sink has not applied yet.
+    let high = high_watermarks(&topic, partitions);
+    let mut delete = TopicPartitionList::new();
+    for (partition, high) in high.iter().enumerate() {
+        delete
+            .add_partition_offset(&topic, partition as i32, Offset::Offset(high - 5))
+            .unwrap();
+    }
+    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &stack().kafka_brokers)
+        .create()
+        .expect("an admin client");
+    admin
+        .delete_records(&delete, &AdminOptions::new())
+        .await
+        .expect("delete records");
+    signal(sink.pid(), "-CONT");
+    let child = &mut sink.child;
+    let status = wait_for(
+        "the sink to stop on the gap",
+        Duration::from_secs(90),
+        || {
+            let exited = child.try_wait().ok().flatten();
+            async move { exited }
+        },
+    )
+    .await;
+    let log = sink.log_text();
+    assert!(!status.success(), "{log}");
+    assert!(
+        log.contains("older than the oldest retained offset")
+            || log.contains("offset out of range"),
+        "{log}"
+    );
+    assert!(log.contains(&topic), "the message names the topic: {log}");
+    assert_eq!(
+        group_offsets(&config, &topic, partitions),
+        end.iter()
+            .map(|end| Offset::Offset(*end))
+            .collect::<Vec<_>>(),
+        "nothing past the gap was committed"
+    );
+}
+
+#[tokio::test]
+async fn the_sink_picks_up_the_topic_of_a_table_whose_topic_appears_after_it_started() {
+    let name = name("exact_late_topic");
+    let mut config = sink_config(&name);
+    config.postgres.tables.push("public.later".into());
+    let topic = items_topic(&config).await;
+    produce_keyed(
+        &topic,
+        &[event("c", 1, json!({"id": 1, "note": "a"}), 1_000, &[])],
+    )
+    .await;
+    let sink = RunningSink::start(config.clone()).await;
+    sink.wait_processed(1).await;
+    let later = format!("{name}.public.later");
+    walsync::kafka::topics::ensure_topics(&config.kafka, std::slice::from_ref(&later))
+        .await
+        .expect("create the later topic");
+    let (key, mut value) = event("c", 7, json!({"id": 7, "note": "late"}), 1_100, &[]);
+    value["source"]["table"] = json!("later");
+    produce_keyed(&later, &[(key, value)]).await;
+    let alias = format!("{}public.later", config.elasticsearch.index_prefix);
+    wait_document(&alias, "7", "the later topic's record", |document| {
+        document["note"] == "late"
+    })
+    .await;
+    sink.stop().await.expect("clean stop");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. The cluster identity is checked on every record.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn records_from_another_cluster_are_dead_lettered_not_dropped_as_stale() {
+    let config = sink_config(&name("exact_cluster"));
+    let topic = items_topic(&config).await;
+    let alias = items_alias(&config);
+    produce_keyed(
+        &topic,
+        &[event("c", 1, json!({"id": 1, "note": "ours"}), 90_000, &[])],
+    )
+    .await;
+    let sink = RunningSink::start(config.clone()).await;
+    sink.wait_processed(1).await;
+    // A fresh cluster holding the same table: its LSNs start lower.
+    let other: Vec<(String, Value)> = (1..=10)
+        .map(|id| {
+            let (key, mut value) = event(
+                "c",
+                id,
+                json!({"id": id, "note": "theirs"}),
+                500 + id as u64,
+                &[],
+            );
+            value["source"]["system_id"] = json!("7999999999999999999");
+            (key, value)
+        })
+        .collect();
+    produce_keyed(&topic, &other).await;
+    produce_keyed(
+        &topic,
+        &[event(
+            "u",
+            1,
+            json!({"id": 1, "note": "ours again"}),
+            90_100,
+            &[],
+        )],
+    )
+    .await;
+    wait_document(&alias, "1", "our next update", |document| {
+        document["note"] == "ours again"
+    })
+    .await;
+    sink.wait_processed(12).await;
+    let dead = sink.stats.dead_lettered.load(Ordering::Relaxed);
+    let stale = sink.stats.stale.load(Ordering::Relaxed);
+    sink.stop().await.expect("clean stop");
+    assert_eq!(
+        dead, 10,
+        "every record of the other cluster is dead-lettered"
+    );
+    assert_eq!(stale, 0, "none is counted as a stale success");
+    assert_eq!(stored_document(&alias, "2").await, None);
+    let mut reasons = Vec::new();
+    read_topic_until(
+        &format!("{}.dlq", config.kafka.topic_prefix),
+        Duration::from_secs(30),
+        |record| {
+            reasons.extend(record.headers.get("walsync.dlq.reason").cloned());
+            reasons.len() >= 10
+        },
+    )
+    .await;
+    assert!(
+        reasons
+            .iter()
+            .all(|reason| reason.contains("7999999999999999999")),
+        "{reasons:?}"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. A dead-lettered action never discards the valid events it superseded.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_dead_lettered_survivor_does_not_drop_the_delete_it_superseded() {
+    let config = sink_config(&name("exact_dlq_collapse"));
+    let topic = items_topic(&config).await;
+    let alias = items_alias(&config);
+    produce_keyed(
+        &topic,
+        &[event(
+            "c",
+            1,
+            json!({"id": 1, "note": "a string"}),
+            1_000,
+            &[],
+        )],
+    )
+    .await;
+    let sink = RunningSink::start(config.clone()).await;
+    sink.wait_processed(1).await;
+    sink.stop().await.expect("clean stop");
+    // One batch: a valid delete, then a re-insert the mapping refuses (note was mapped as text).
+    produce_keyed(
+        &topic,
+        &[
+            event("d", 1, Value::Null, 1_100, &[]),
+            event(
+                "c",
+                1,
+                json!({"id": 1, "note": {"an": "object"}}),
+                1_200,
+                &[],
+            ),
+        ],
+    )
+    .await;
+    let sink = RunningSink::start(config.clone()).await;
+    wait_for(
+        "the rejected re-insert to be dead-lettered",
+        Duration::from_secs(60),
+        || {
+            let dead = sink.stats.dead_lettered.load(Ordering::Relaxed);
+            async move { (dead >= 1).then_some(()) }
+        },
+    )
+    .await;
+    wait_for("the delete to be applied", Duration::from_secs(60), || {
+        let alias = alias.clone();
+        async move { stored_document(&alias, "1").await.is_none().then_some(()) }
+    })
+    .await;
+    let dead = sink.stats.dead_lettered.load(Ordering::Relaxed);
+    sink.stop().await.expect("clean stop");
+    assert_eq!(dead, 1, "only the refused re-insert is dead-lettered");
+}
