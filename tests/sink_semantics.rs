@@ -596,7 +596,7 @@ async fn a_committed_offset_that_fell_out_of_retention_stops_the_sink_instead_of
         .expect_err("a gap must stop the sink");
     let message = format!("{error:#}");
     assert!(
-        message.contains("committed offset 3") && message.contains("oldest retained offset 5"),
+        message.contains("next offset to apply, 3") && message.contains("oldest retained offset 5"),
         "{message}"
     );
     assert_eq!(

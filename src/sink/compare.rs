@@ -14,11 +14,12 @@
 //!   Elasticsearch and OpenSearch; scroll is shared), 1,000 documents a page. The `walsync`
 //!   metadata field is ignored, and soft tombstones (`walsync.deleted: true`) count as absent.
 //!
-//! Values are compared **exactly**: each field's JSON text as the sink wrote it against the text
-//! the codec makes of the row, byte for byte, so a one-ulp change of a `float8`, a `numeric`
-//! digit or a `jsonb` number beyond `f64` precision is a difference (nothing is parsed into
-//! `f64`). Field order does not matter; the order inside a value (a `jsonb` object) does, as
-//! the sink copies values without re-formatting them.
+//! Values are compared **exactly**, never through `f64`: both sides are read as raw JSON text
+//! and brought to one canonical form ([`canonical_json`]) in which objects are sorted by key,
+//! whitespace is gone, strings are re-escaped one way, and every number is an exact decimal
+//! (`1.50`, `1.5` and `15e-1` are one number; `0.9407462388099621` and `0.940746238809962` are
+//! two). So a one-ulp change of a `float8`, a `numeric` digit or a `jsonb` number beyond `f64`
+//! precision is a difference, while field order and spacing are not.
 //!
 //! # Memory
 //!
@@ -757,7 +758,9 @@ fn differing_fields(expected: &RawRow, stored: &RawRow) -> Vec<String> {
         .collect();
     names
         .into_iter()
-        .filter(|name| expected.get(name).map(RawValue::get) != stored.get(name).map(RawValue::get))
+        .filter(|name| {
+            expected.get(name).map(canonical_json) != stored.get(name).map(canonical_json)
+        })
         .map(str::to_owned)
         .collect()
 }
@@ -767,10 +770,10 @@ fn differing_fields(expected: &RawRow, stored: &RawRow) -> Vec<String> {
 /// probability 2⁻⁶⁴. `DefaultHasher::new` is deterministic within one process, which is all a
 /// comparison needs.
 fn body_hash(body: &RawRow) -> u64 {
-    let mut fields: Vec<(&str, &str)> = body
+    let mut fields: Vec<(&str, String)> = body
         .iter()
         .filter(|(name, _)| *name != METADATA_FIELD)
-        .map(|(name, value)| (name, value.get()))
+        .map(|(name, value)| (name, canonical_json(value)))
         .collect();
     fields.sort_unstable();
     let mut hasher = DefaultHasher::new();
@@ -780,6 +783,88 @@ fn body_hash(body: &RawRow) -> u64 {
         value.hash(&mut hasher);
     }
     hasher.finish()
+}
+
+/// The canonical text of a JSON value (see the module doc): equal exactly when the values are
+/// equal as JSON with numbers as exact decimals. Text that is not JSON stays as it is.
+pub fn canonical_json(value: &RawValue) -> String {
+    let mut out = String::with_capacity(value.get().len());
+    write_canonical(value.get(), &mut out);
+    out
+}
+
+fn write_canonical(raw: &str, out: &mut String) {
+    let raw = raw.trim();
+    match raw.as_bytes().first() {
+        Some(b'{') => {
+            let Ok(object) = serde_json::from_str::<std::collections::BTreeMap<String, &RawValue>>(raw)
+            else {
+                out.push_str(raw);
+                return;
+            };
+            out.push('{');
+            for (position, (name, value)) in object.into_iter().enumerate() {
+                if position > 0 {
+                    out.push(',');
+                }
+                out.push_str(&serde_json::to_string(&name).unwrap_or_default());
+                out.push(':');
+                write_canonical(value.get(), out);
+            }
+            out.push('}');
+        }
+        Some(b'[') => {
+            let Ok(items) = serde_json::from_str::<Vec<&RawValue>>(raw) else {
+                out.push_str(raw);
+                return;
+            };
+            out.push('[');
+            for (position, item) in items.into_iter().enumerate() {
+                if position > 0 {
+                    out.push(',');
+                }
+                write_canonical(item.get(), out);
+            }
+            out.push(']');
+        }
+        Some(b'"') => match serde_json::from_str::<String>(raw) {
+            Ok(text) => out.push_str(&serde_json::to_string(&text).unwrap_or_default()),
+            Err(_) => out.push_str(raw),
+        },
+        Some(b'-' | b'0'..=b'9') => out.push_str(&canonical_number(raw)),
+        _ => out.push_str(raw),
+    }
+}
+
+/// A JSON number as an exact decimal: its significant digits without leading or trailing
+/// zeros, and a power of ten (`1.50` → `15e-1`, `-0.0` → `0`, `1e2` → `1e2`, `100` → `1e2`).
+fn canonical_number(text: &str) -> String {
+    let (negative, unsigned) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (mantissa, exponent) = match unsigned.find(['e', 'E']) {
+        Some(at) => (&unsigned[..at], unsigned[at + 1..].parse::<i64>().unwrap_or(0)),
+        None => (unsigned, 0),
+    };
+    let (integer, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let mut digits: String = integer.chars().chain(fraction.chars()).collect();
+    let mut exponent = exponent.saturating_sub(fraction.len() as i64);
+    let leading = digits.len() - digits.trim_start_matches('0').len();
+    digits.drain(..leading);
+    while digits.ends_with('0') {
+        digits.pop();
+        exponent = exponent.saturating_add(1);
+    }
+    if digits.is_empty() {
+        return "0".to_owned();
+    }
+    let sign = if negative { "-" } else { "" };
+    if exponent == 0 {
+        format!("{sign}{digits}")
+    } else {
+        format!("{sign}{digits}e{exponent}")
+    }
 }
 
 fn null() -> Box<RawValue> {
@@ -847,6 +932,23 @@ mod tests {
     }
 
     #[test]
+    fn numbers_compare_as_exact_decimals_and_json_structurally() {
+        let canonical = |text: &str| canonical_json(&RawValue::from_string(text.into()).unwrap());
+        assert_eq!(canonical("1.50"), canonical("1.5"));
+        assert_eq!(canonical("15e-1"), canonical("1.5"));
+        assert_eq!(canonical("100"), canonical("1e2"));
+        assert_eq!(canonical("-0.0"), canonical("0"));
+        assert_ne!(canonical("0.9407462388099621"), canonical("0.940746238809962"));
+        assert_ne!(canonical("123456789012345678901234567890"), canonical("123456789012345678901234567891"));
+        assert_eq!(
+            canonical(r#"{"b": [1, 2.0], "a": {"x": "y"}}"#),
+            canonical(r#"{"a":{"x":"y"},"b":[1,2]}"#)
+        );
+        assert_ne!(canonical(r#"["1.5"]"#), canonical("[1.5]"), "a string is not a number");
+        assert_eq!(canonical(r#""\u00e9""#), canonical("\"\u{e9}\""));
+    }
+
+    #[test]
     fn values_compare_digit_for_digit() {
         for (expected, stored) in [
             (
@@ -858,7 +960,7 @@ mod tests {
                 r#"{"j": {"n": 0.9037202872619796}}"#,
             ),
             (r#"{"n": "19.90"}"#, r#"{"n": "19.9"}"#),
-            (r#"{"n": 1.50}"#, r#"{"n": 1.5}"#),
+            (r#"{"n": 1.51}"#, r#"{"n": 1.5}"#),
         ] {
             let (expected, stored) = (raw(expected), raw(stored));
             assert_ne!(body_hash(&expected), body_hash(&stored), "{expected:?}");
