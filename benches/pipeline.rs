@@ -2,7 +2,8 @@
 //!
 //! 1. source: one transaction of N rows, commit to "every event acknowledged by Kafka"; events/s
 //!    and the process's CPU seconds per 100k events;
-//! 2. sink: the same N events from Kafka into a new index; documents/s;
+//! 2. sink: the same N events from Kafka into a new index; documents/s and the process's CPU
+//!    seconds per 100k events;
 //! 3. raw bulk: the same N documents bulk-indexed straight into a new index by this program,
 //!    batches and parallelism as the sink's (one request in flight per partition); documents/s,
 //!    and the sink's share of it;
@@ -110,14 +111,18 @@ async fn sink_bench(config: &Config, rows: u64) -> f64 {
     let (stop, stopped) = watch::channel(false);
     let sink = Sink::new(config.clone()).await.expect("create the sink");
     let started = Instant::now();
+    let cpu_before = cpu_seconds();
     let task = tokio::spawn(async move { sink.run(stopped).await });
     wait_indexed(&client, &alias, rows, Duration::from_secs(900)).await;
     let elapsed = started.elapsed().as_secs_f64();
+    // The sink is all this process does meanwhile (the count polls aside).
+    let cpu = cpu_seconds() - cpu_before;
     stop.send(true).expect("the sink listens");
     task.await.expect("no panic").expect("the sink stopped");
     let rate = rows as f64 / elapsed;
     println!(
-        "sink                    {rate:>10.0} docs/s     ({rows} events from Kafka, {elapsed:.2} s, includes consumer start)"
+        "sink                    {rate:>10.0} docs/s     ({rows} events from Kafka, {elapsed:.2} s, includes consumer start; {:.2} CPU s per 100k events, this process)",
+        cpu / rows as f64 * 100_000.0
     );
     rate
 }

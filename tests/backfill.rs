@@ -443,7 +443,10 @@ async fn a_backfill_into_a_new_index_swaps_the_alias_without_searches_seeing_a_p
         result.stdout
     );
     assert!(result.printed("stream lag"), "{:#?}", result.stdout);
-    es(Method::Get, &format!("/{old_index}/_count"), None).await;
+    // The old index is kept whole: every row it had before the rebuild (the workload only
+    // inserts and updates).
+    let kept = |count: Value| count["count"].as_u64().expect("a count");
+    assert!(kept(es(Method::Get, &format!("/{old_index}/_count"), None).await) >= before);
     wait_equal(&config, "public", &name, &["id"], Duration::from_secs(60)).await;
 
     // An existing index is never a target, and a refused --into leaves it alone.
@@ -454,7 +457,10 @@ async fn a_backfill_into_a_new_index_swaps_the_alias_without_searches_seeing_a_p
         "{}",
         refused.stderr
     );
-    es(Method::Get, &format!("/{old_index}/_count"), None).await;
+    assert!(
+        kept(es(Method::Get, &format!("/{old_index}/_count"), None).await) >= before,
+        "a refused --into leaves the old index alone"
+    );
     assert_eq!(index_behind(&alias).await, new_index);
 
     // Once more with --delete-old: the v2 index goes after the swap to v3.

@@ -819,3 +819,161 @@ async fn a_dead_lettered_survivor_does_not_drop_the_delete_it_superseded() {
     sink.stop().await.expect("clean stop");
     assert_eq!(dead, 1, "only the refused re-insert is dead-lettered");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Untested before: the TOAST fill with renamed and excluded columns, and a truncate's mark
+// against older events that arrive after a restart.
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn toast_fills_follow_renames_and_exclusions() {
+    let name = name("exact_toast_shape");
+    let table = format!("public.{name}");
+    let client = sql().await;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id int PRIMARY KEY, note text, big text, secret text);
+             ALTER TABLE {table} ALTER COLUMN big SET STORAGE EXTERNAL;
+             ALTER TABLE {table} ALTER COLUMN secret SET STORAGE EXTERNAL;"
+        ))
+        .await
+        .expect("create the table");
+    let mut config = pipeline_config(&name, &[&table]);
+    config.tables.insert(
+        table.clone(),
+        walsync::shell::config::TableConfig {
+            exclude_columns: vec!["secret".into()],
+            rename: [("big".to_owned(), "body".to_owned())].into(),
+            ..Default::default()
+        },
+    );
+    let pipeline = RunningPipeline::start(config.clone()).await;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {table} VALUES (1, 'a', {}, {}), (2, 'a', {}, {})",
+            big("one"),
+            big("secret one"),
+            big("two"),
+            big("secret two")
+        ))
+        .await
+        .expect("insert");
+    wait_equal(&config, "public", &name, &["id"], Duration::from_secs(60)).await;
+    client
+        .batch_execute(&format!(
+            // From the stored document (renamed field), then a re-read (key change).
+            "UPDATE {table} SET note = 'b' WHERE id = 1;
+             UPDATE {table} SET id = 3 WHERE id = 2;"
+        ))
+        .await
+        .expect("update");
+    let alias = alias_of(&config, "public", &name);
+    let one = wait_document(&alias, "1", "the update of row 1", |document| {
+        document["note"] == "b"
+    })
+    .await;
+    let three = wait_document(&alias, "3", "the moved row", |_| true).await;
+    for (document, condition) in [(&one, "id = 1"), (&three, "id = 3")] {
+        assert_eq!(
+            md5_of(&document["body"]),
+            md5_of_big(&client, &table, condition).await
+        );
+        assert!(
+            document.get("big").is_none() && document.get("secret").is_none(),
+            "{document}"
+        );
+    }
+    wait_equal(&config, "public", &name, &["id"], Duration::from_secs(60)).await;
+    pipeline.stop().await;
+    drop_slot(&name).await;
+}
+
+#[tokio::test]
+async fn events_older_than_a_truncate_arriving_after_a_restart_are_dropped() {
+    let config = sink_config(&name("exact_truncate_mark"));
+    let topic = items_topic(&config).await;
+    let alias = items_alias(&config);
+    let truncate = {
+        let (_, mut value) = event("t", 0, Value::Null, 2_000, &[]);
+        value["after"] = Value::Null;
+        value["before"] = Value::Null;
+        ("{}".to_owned(), value)
+    };
+    produce_keyed(
+        &topic,
+        &[
+            event("c", 1, json!({"id": 1, "note": "before"}), 1_000, &[]),
+            truncate,
+        ],
+    )
+    .await;
+    let sink = RunningSink::start(config.clone()).await;
+    wait_for(
+        "the truncate to delete row 1",
+        Duration::from_secs(60),
+        || {
+            let alias = alias.clone();
+            async move {
+                let gone = stored_document(&alias, "1").await.is_none();
+                let counted = sink_has_applied_a_truncate(&alias).await;
+                (gone && counted).then_some(())
+            }
+        },
+    )
+    .await;
+    sink.stop().await.expect("clean stop");
+    // A pre-truncate event of another partition that only arrives now, after the restart, and
+    // one after the truncate.
+    produce_keyed(
+        &topic,
+        &[
+            event(
+                "c",
+                2,
+                json!({"id": 2, "note": "older than the truncate"}),
+                1_500,
+                &[],
+            ),
+            event("c", 3, json!({"id": 3, "note": "after"}), 2_100, &[]),
+        ],
+    )
+    .await;
+    let sink = RunningSink::start(config.clone()).await;
+    wait_document(&alias, "3", "the event after the truncate", |_| true).await;
+    wait_for(
+        "the older event to be dropped",
+        Duration::from_secs(60),
+        || {
+            let dropped = sink.stats.dropped_before_truncate.load(Ordering::Relaxed);
+            async move { (dropped >= 1).then_some(()) }
+        },
+    )
+    .await;
+    sink.stop().await.expect("clean stop");
+    assert_eq!(
+        stored_document(&alias, "2").await,
+        None,
+        "the mark survived the restart"
+    );
+}
+
+/// Whether the index behind `alias` records a truncate mark.
+async fn sink_has_applied_a_truncate(alias: &str) -> bool {
+    let response = search_client()
+        .send(
+            elasticsearch::http::Method::Get,
+            &format!("/{alias}/_mapping"),
+            elasticsearch::http::headers::HeaderMap::new(),
+            Option::<&()>::None,
+            Option::<&[u8]>::None,
+            None,
+        )
+        .await
+        .expect("read the mapping");
+    let mapping: Value = response.json().await.expect("a mapping");
+    mapping
+        .as_object()
+        .into_iter()
+        .flat_map(|indices| indices.values())
+        .any(|index| index["mappings"]["_meta"]["walsync"]["truncated_before"] == json!(2_000))
+}

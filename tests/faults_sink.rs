@@ -647,7 +647,11 @@ async fn a_stop_during_a_search_outage_exits_and_the_batch_is_applied_after_rest
     let table = format!("public.{name}");
     create_table(&table).await;
     let _slot = SlotCleanup(name.clone());
-    let toml = static_membership(pipeline_config(&name, &[&table]), &name);
+    let address = common::endpoints::free_address();
+    let toml = format!(
+        "{}\n[metrics]\nlisten = {address:?}\n",
+        static_membership(pipeline_config(&name, &[&table]), &name)
+    );
     let config = common::pipeline::pipeline_config(&name, &[&table]);
     let mut walsync = Walsync::spawn("run", &name, &toml);
     wait_streaming(&name).await;
@@ -667,8 +671,18 @@ async fn a_stop_during_a_search_outage_exits_and_the_batch_is_applied_after_rest
         ))
         .await
         .expect("insert during the outage");
-    // The scenario: the sink holds a batch the hung server cannot take.
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    // The scenario: the sink holds a batch the hung server cannot take — it has consumed the
+    // ten new events (counted before their bulk is sent) and cannot write them.
+    let consumed = walsync::shell::metrics::SINK_EVENTS_CONSUMED;
+    wait_for(
+        "the sink to hold the new events",
+        Duration::from_secs(60),
+        || async {
+            let (_, body) = common::endpoints::get(&address, "/metrics").await?;
+            (common::endpoints::sum(&body, consumed, &[])? >= 20.0).then_some(())
+        },
+    )
+    .await;
     let code = walsync.terminate(Duration::from_secs(60)).await;
     assert_eq!(
         code,

@@ -116,6 +116,16 @@ async fn kill_9_while_kafka_holds_acknowledgements_loses_nothing_and_confirms_no
     let mut paused = None;
     for batch in 0..BATCHES {
         if batch == BATCHES / 4 {
+            // What came before the outage is confirmed first, so the kill has something that
+            // must survive it.
+            let before = *committed_by.last().expect("batches before the outage");
+            wait_confirmed(
+                &client,
+                &name,
+                before,
+                "the batches before the outage to be confirmed",
+            )
+            .await;
             paused = Some(Paused::new("kafka"));
         }
         client
@@ -166,6 +176,10 @@ async fn kill_9_while_kafka_holds_acknowledgements_loses_nothing_and_confirms_no
     let topic = format!("{name}.public.{name}");
     let confirmed_batches = committed_by.iter().filter(|lsn| **lsn <= confirmed).count() as i64;
     println!("batches confirmed at kill: {confirmed_batches} of {BATCHES}");
+    assert!(
+        confirmed_batches >= BATCHES / 4,
+        "the batches confirmed before the outage stay confirmed: {confirmed_batches}"
+    );
     read_ids(&topic, confirmed_batches * ROWS, Duration::from_secs(60)).await;
 
     // Restarted, the source resends from the confirmed LSN: every row arrives.

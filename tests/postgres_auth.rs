@@ -355,30 +355,36 @@ async fn a_role_without_replication_cannot_open_a_replication_connection() {
     assert!(!catalog.role().await.expect("role").can_replicate());
 }
 
-/// A server that declines TLS: answers `N` to the SSLRequest, then hangs up.
-async fn server_declining_tls() -> u16 {
+/// A server that declines TLS: answers `N` to the SSLRequest, then hangs up. The counter says
+/// how many connections opened with an SSLRequest (checked by the test, not inside the task,
+/// where a failed assertion would vanish with the task).
+async fn server_declining_tls() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let port = listener.local_addr().expect("address").port();
+    let ssl_requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&ssl_requests);
     tokio::spawn(async move {
         while let Ok((mut socket, _)) = listener.accept().await {
             let mut request = [0u8; 8];
-            if socket.read_exact(&mut request).await.is_ok() {
-                // 80877103: the SSLRequest code.
-                assert_eq!(request[4..], 80877103i32.to_be_bytes());
+            // 80877103: the SSLRequest code.
+            if socket.read_exact(&mut request).await.is_ok()
+                && request[4..] == 80877103i32.to_be_bytes()
+            {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let _ = socket.write_all(b"N").await;
             }
         }
     });
-    port
+    (port, ssl_requests)
 }
 
 #[tokio::test]
 async fn required_tls_fails_clearly_when_the_server_declines_it() {
-    let port = server_declining_tls().await;
-    for mode in ["require", "verify-full"] {
+    let (port, ssl_requests) = server_declining_tls().await;
+    for (attempt, mode) in ["require", "verify-full"].into_iter().enumerate() {
         let params = params(&format!(
             "postgres://walsync:walsync@127.0.0.1:{port}/walsync?sslmode={mode}&sslrootcert={}",
             tls_ca()
@@ -406,6 +412,11 @@ async fn required_tls_fails_clearly_when_the_server_declines_it() {
         assert!(
             matches!(error, ConnectError::Tls(TlsError::DeclinedByServer { .. })),
             "{error:?}"
+        );
+        assert_eq!(
+            ssl_requests.load(std::sync::atomic::Ordering::SeqCst),
+            2 * (attempt + 1),
+            "both clients opened with an SSLRequest"
         );
     }
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::kafka::{Consumed, read_topic, read_topic_until, topic_size};
+use common::kafka::{Consumed, read_topic, read_topic_until, read_whole_topic, topic_size};
 use common::pipeline::{RunningPipeline, pipeline_config, wait_equal};
 use common::source::{RunningSource, config_for, drop_slot, name, sql, wait_copy_recorded};
 use common::{admin_client, wait_for};
@@ -22,6 +22,17 @@ use walsync::postgres::types::{Codec, CodecOptions};
 use walsync::shell::config::{Config, SnapshotMode};
 
 /// Counts the `r` (snapshot) events on a topic, reading until `expected_total` records.
+/// The number of snapshot rows (`r`) and of all change records in the whole topic; call it once
+/// the source stopped, so that a second copy would show.
+async fn whole_topic_counts(topic: &str) -> (usize, usize) {
+    let records = read_whole_topic(topic, Duration::from_secs(120)).await;
+    let reads = records
+        .iter()
+        .filter(|record| record.op() == Some("r"))
+        .count();
+    (reads, records.len())
+}
+
 async fn snapshot_events(topic: &str, expected_total: usize) -> usize {
     let (mut seen, mut reads) = (0, 0);
     read_topic_until(topic, Duration::from_secs(120), |record| {
@@ -99,6 +110,11 @@ async fn a_restart_does_not_copy_again_and_a_table_added_later_is_copied() {
         "no second copy of the first table"
     );
     source.stop().await;
+    assert_eq!(
+        whole_topic_counts(&topic).await,
+        (100, 101),
+        "the whole topic: one copy of the first table and the insert"
+    );
     drop_slot(&name).await;
 }
 
@@ -491,5 +507,10 @@ async fn mode_always_copies_again_and_mode_never_copies_nothing() {
         "nothing copied, the insert streamed"
     );
     source.stop().await;
+    assert_eq!(
+        whole_topic_counts(&topic).await,
+        (60, 61),
+        "the whole topic: the two copies before and the insert, no third copy"
+    );
     drop_slot(&name).await;
 }

@@ -70,6 +70,27 @@ pub async fn read_topic(topic: &str, count: usize, deadline: Duration) -> Vec<Co
     records
 }
 
+/// Every change record in `topic` (control records aside), read up to the high watermarks as
+/// they are now, sorted by (partition, offset). For asserting that nothing more than expected
+/// was written: call it once the writer stopped.
+pub async fn read_whole_topic(topic: &str, deadline: Duration) -> Vec<Consumed> {
+    let total = topic_size(topic) as usize;
+    let mut records = Vec::new();
+    if total > 0 {
+        let mut seen = 0;
+        read_records_until(topic, deadline, |record| {
+            seen += 1;
+            if !record.is_control() {
+                records.push(record);
+            }
+            seen >= total
+        })
+        .await;
+    }
+    records.sort_by_key(|r| (r.partition, r.offset));
+    records
+}
+
 /// Reads `topic` from the beginning, handing each change record (control records are skipped)
 /// to `visit` until it returns true; panics after `deadline`.
 pub async fn read_topic_until(
