@@ -19,7 +19,16 @@
 //! Retries (429, 5xx, timeouts, connection errors, blocks, closed or missing indices) go on with
 //! exponential backoff and jitter for as long as it takes; the partition's queue fills meanwhile
 //! and reading stops. Only documents the server will never accept go to the dead-letter topic,
-//! and a burst of them trips a breaker that stops the sink instead.
+//! and a burst of them trips a breaker that stops the sink instead. When the surviving action of
+//! several collapsed ones is refused, only it is dead-lettered; the actions it superseded are
+//! sent again, in order.
+//!
+//! This module enforces **the gap rule** (docs/design.md): the consumer runs with
+//! `auto.offset.reset = error`, a new group's partitions start at the earliest offset because
+//! the assignment says so (`start_uncommitted_at_the_beginning`), and an offset out of range —
+//! at assignment or while running — stops the sink with the topic, partition, expected offset
+//! and log start (`describe_gaps`). Records reach their table only through `sink::routing` (the
+//! topic decides), and unchanged TOAST values are filled by `sink::toast`'s rule.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;

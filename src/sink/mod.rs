@@ -10,7 +10,9 @@
 //! - `bulk`: NDJSON bulk bodies and per-item outcomes (pure).
 //! - `index`: indices, aliases, settings, mappings, the recorded system identifier.
 //! - `partitions`: per-partition queues and bulks in flight (pure).
-//! - `apply`: the loop that consumes, applies and commits.
+//! - `routing`: the topic decides a record's table; records that disagree are refused (pure).
+//! - `toast`: where an unchanged TOAST value comes from (the fill rule, pure).
+//! - `apply`: the loop that consumes, applies and commits; it never jumps over a gap.
 //! - `compare`: does an index equal its table?
 
 pub mod apply;

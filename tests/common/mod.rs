@@ -5,6 +5,7 @@
 pub mod endpoints;
 pub mod kafka;
 pub mod literals;
+pub mod oracle;
 pub mod pipeline;
 pub mod process;
 pub mod sink;
