@@ -12,7 +12,10 @@ use common::pipeline::{
     RunningPipeline, alias_of, compare, pipeline_config, search_client, wait_equal,
 };
 use common::process::{Walsync, test_binary};
-use common::sink::{RunningSink, produce_keyed, stored_document, stored_source_text};
+use common::sink::{
+    RunningSink, apply_first, items_alias, items_config, items_topic, produce_keyed,
+    stored_document, stored_source_text,
+};
 use common::source::{drop_slot, name, sql};
 use common::{stack, wait_for};
 use rdkafka::admin::{AdminClient, AdminOptions};
@@ -229,21 +232,9 @@ async fn a_key_change_onto_a_key_deleted_in_the_same_transaction_keeps_the_moved
 
 /// The sink-only configuration of one table `public.items` whose events a test writes itself.
 fn sink_config(name: &str) -> Config {
-    let mut config = pipeline_config(name, &["public.items"]);
+    let mut config = items_config(name);
     config.sink.linger_ms = 20;
     config
-}
-
-async fn items_topic(config: &Config) -> String {
-    let topic = format!("{}.public.items", config.kafka.topic_prefix);
-    walsync::kafka::topics::ensure_topics(&config.kafka, std::slice::from_ref(&topic))
-        .await
-        .expect("create the topic");
-    topic
-}
-
-fn items_alias(config: &Config) -> String {
-    format!("{}public.items", config.elasticsearch.index_prefix)
 }
 
 /// An event of `public.items`; `after` as given, `unchanged` its unchanged TOAST columns.
@@ -271,7 +262,8 @@ async fn a_snapshot_row_a_streamed_change_superseded_never_fills_a_later_update(
     let topic = items_topic(&config).await;
     let alias = items_alias(&config);
     // A streamed change (big = "new") is applied first.
-    produce_keyed(
+    apply_first(
+        &config,
         &topic,
         &[event(
             "u",
@@ -282,9 +274,6 @@ async fn a_snapshot_row_a_streamed_change_superseded_never_fills_a_later_update(
         )],
     )
     .await;
-    let sink = RunningSink::start(config.clone()).await;
-    sink.wait_processed(1).await;
-    sink.stop().await.expect("clean stop");
     // Then, in one batch: the copy's stale row (cp − 1 below the change) and an update that
     // left big untouched.
     produce_keyed(
@@ -666,7 +655,8 @@ async fn the_sink_picks_up_the_topic_of_a_table_whose_topic_appears_after_it_sta
     let mut config = sink_config(&name);
     config.postgres.tables.push("public.later".into());
     let topic = items_topic(&config).await;
-    produce_keyed(
+    apply_first(
+        &config,
         &topic,
         &[event("c", 1, json!({"id": 1, "note": "a"}), 1_000, &[])],
     )
@@ -782,9 +772,6 @@ async fn a_dead_lettered_survivor_does_not_drop_the_delete_it_superseded() {
         )],
     )
     .await;
-    let sink = RunningSink::start(config.clone()).await;
-    sink.wait_processed(1).await;
-    sink.stop().await.expect("clean stop");
     // One batch: a valid delete, then a re-insert the mapping refuses (note was mapped as text).
     produce_keyed(
         &topic,

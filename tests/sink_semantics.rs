@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use common::kafka::topic_size;
 use common::pipeline::{RunningPipeline, pipeline_config, search_client, wait_equal};
-use common::sink::{RunningSink, produce_keyed, stored_document};
+use common::sink::{
+    RunningSink, items_alias, items_config, items_topic, produce_keyed, stored_document,
+};
 use common::source::{drop_slot, name, sql};
 use common::{stack, wait_for};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -23,17 +25,11 @@ const SYSTEM_ID: &str = "7000000000000000001";
 
 /// A sink configuration reading `<name>.public.items`.
 fn sink_config(name: &str) -> Config {
-    let mut config = pipeline_config(name, &["public.items"]);
-    config.sink.linger_ms = 5;
-    config
+    items_config(name)
 }
 
 async fn create_topic(config: &Config) -> String {
-    let topic = format!("{}.public.items", config.kafka.topic_prefix);
-    walsync::kafka::topics::ensure_topics(&config.kafka, std::slice::from_ref(&topic))
-        .await
-        .expect("create the topic");
-    topic
+    items_topic(config).await
 }
 
 fn envelope(op: &str, id: i64, note: Option<&str>, commit_lsn: u64) -> Value {
@@ -69,7 +65,7 @@ async fn stored(alias: &str, id: i64) -> Option<Value> {
 }
 
 fn alias(config: &Config) -> String {
-    format!("{}public.items", config.elasticsearch.index_prefix)
+    items_alias(config)
 }
 
 #[tokio::test]

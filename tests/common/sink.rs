@@ -12,8 +12,30 @@ use walsync::shell::config::Config;
 use walsync::sink::apply::{Sink, SinkStats};
 use walsync::sink::index::refresh;
 
-use super::pipeline::search_client;
+use super::pipeline::{pipeline_config, search_client};
 use super::{stack, wait_for};
+
+/// A sink configuration of one table `public.items` whose events a test writes itself to
+/// `<name>.public.items`.
+pub fn items_config(name: &str) -> Config {
+    let mut config = pipeline_config(name, &["public.items"]);
+    config.sink.linger_ms = 5;
+    config
+}
+
+/// Creates the topic of `public.items` under `config`.
+pub async fn items_topic(config: &Config) -> String {
+    let topic = format!("{}.public.items", config.kafka.topic_prefix);
+    walsync::kafka::topics::ensure_topics(&config.kafka, std::slice::from_ref(&topic))
+        .await
+        .expect("create the topic");
+    topic
+}
+
+/// The alias of `public.items` under `config`.
+pub fn items_alias(config: &Config) -> String {
+    format!("{}public.items", config.elasticsearch.index_prefix)
+}
 
 /// Writes `(key, value)` records to `topic` in order (one key → one partition, so this is
 /// their partition order).
@@ -38,21 +60,16 @@ pub async fn produce_keyed(topic: &str, records: &[(String, Value)]) {
 
 /// A document's `_source` after a refresh, if it (and its index) exists.
 pub async fn stored_document(alias: &str, id: &str) -> Option<Value> {
-    let client = search_client();
-    refresh(&client, alias).await.ok()?;
-    let response = client
-        .get(elasticsearch::GetParts::IndexId(alias, id))
-        .send()
-        .await
-        .expect("get");
-    let document: Value = response.json().await.expect("json");
-    (document["found"] == serde_json::json!(true)).then(|| document["_source"].clone())
+    let text = stored_source_text(alias, id).await?;
+    Some(serde_json::from_str(&text).expect("a JSON document"))
 }
 
-/// A document's `_source` exactly as the server returns it (numbers as their text).
+/// A document's `_source` exactly as the server returns it (numbers as their text), after a
+/// refresh, if it (and its index) exists.
 pub async fn stored_source_text(alias: &str, id: &str) -> Option<String> {
     #[derive(serde::Deserialize)]
     struct Found<'a> {
+        #[serde(default)]
         found: bool,
         #[serde(rename = "_source", borrow)]
         source: Option<&'a serde_json::value::RawValue>,
@@ -70,6 +87,15 @@ pub async fn stored_source_text(alias: &str, id: &str) -> Option<String> {
         .found
         .then(|| found.source.map(|source| source.get().to_owned()))
         .flatten()
+}
+
+/// Runs a sink until it processed `records` (written to `topic` first), then stops it: the
+/// state a later batch meets.
+pub async fn apply_first(config: &Config, topic: &str, records: &[(String, Value)]) {
+    produce_keyed(topic, records).await;
+    let sink = RunningSink::start(config.clone()).await;
+    sink.wait_processed(records.len() as u64).await;
+    sink.stop().await.expect("clean stop");
 }
 
 pub struct RunningSink {
