@@ -760,3 +760,80 @@ async fn a_truncate_during_a_search_outage_is_applied_once_the_server_is_back() 
     );
     finish(walsync, &name).await;
 }
+
+/// Stops PostgreSQL; starts it again when dropped, even when the test fails.
+struct PostgresStopped;
+
+impl PostgresStopped {
+    fn new() -> Self {
+        stack_control("stop", "pg");
+        Self
+    }
+}
+
+impl Drop for PostgresStopped {
+    fn drop(&mut self) {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/stack");
+        let started = Command::new(script)
+            .args(["start", "pg"])
+            .status()
+            .is_ok_and(|status| status.success());
+        if !started && !std::thread::panicking() {
+            panic!("scripts/stack start pg failed");
+        }
+    }
+}
+
+/// A TOAST fill that must re-read its row while PostgreSQL is down waits the outage out (the
+/// sink neither exits nor skips the event), then writes the row's value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_toast_re_read_during_a_postgres_outage_waits_and_then_fills() {
+    use common::sink::{RunningSink, produce_keyed, stored_document};
+    use serde_json::json;
+    use std::sync::atomic::Ordering;
+
+    let name = name("fault_reread");
+    let schema = format!("{name}_s");
+    let client = sql().await;
+    client
+        .batch_execute(&format!(
+            "CREATE SCHEMA {schema}; CREATE TABLE {schema}.items (id int PRIMARY KEY, note text, big text);
+             INSERT INTO {schema}.items VALUES (1, 'x', 'the stored big value');"
+        ))
+        .await
+        .expect("create the table");
+    drop(client);
+    let mut config = common::pipeline::pipeline_config(&name, &[&format!("{schema}.items")]);
+    config.sink.linger_ms = 5;
+    let topic = format!("{name}.{schema}.items");
+    walsync::kafka::topics::ensure_topics(&config.kafka, std::slice::from_ref(&topic))
+        .await
+        .expect("create the topic");
+    // A key change's create: its TOASTed value must come from a re-read.
+    let event = json!({
+        "before": null, "after": {"id": 1, "note": "x"}, "op": "c", "ts_ms": 0,
+        "source": {"schema": schema, "table": "items", "txId": 1, "lsn": 999, "commit_lsn": 1_000,
+                   "ts_ms": 0, "snapshot": "false", "system_id": "7000000000000000021", "timeline": 1},
+        "unchanged_toast_columns": ["big"]
+    });
+    produce_keyed(&topic, &[(json!({"id": 1}).to_string(), event)]).await;
+
+    let stopped = PostgresStopped::new();
+    let sink = RunningSink::start(config.clone()).await;
+    wait_for("the re-read to be retried", Duration::from_secs(60), || {
+        let retries = sink.stats.retries.load(Ordering::Relaxed);
+        async move { (retries >= 2).then_some(()) }
+    })
+    .await;
+    assert!(!sink.task.is_finished(), "the sink waits, it does not exit");
+    drop(stopped);
+    let alias = format!("{}{schema}.items", config.elasticsearch.index_prefix);
+    let document = wait_for("the filled document", Duration::from_secs(120), || {
+        let alias = alias.clone();
+        async move { stored_document(&alias, "1").await }
+    })
+    .await;
+    assert_eq!(document["big"], "the stored big value");
+    assert_eq!(sink.stats.dead_lettered.load(Ordering::Relaxed), 0);
+    sink.stop().await.expect("clean stop");
+}
