@@ -797,7 +797,8 @@ fn write_canonical(raw: &str, out: &mut String) {
     let raw = raw.trim();
     match raw.as_bytes().first() {
         Some(b'{') => {
-            let Ok(object) = serde_json::from_str::<std::collections::BTreeMap<String, &RawValue>>(raw)
+            let Ok(object) =
+                serde_json::from_str::<std::collections::BTreeMap<String, &RawValue>>(raw)
             else {
                 out.push_str(raw);
                 return;
@@ -844,7 +845,10 @@ fn canonical_number(text: &str) -> String {
         None => (false, text),
     };
     let (mantissa, exponent) = match unsigned.find(['e', 'E']) {
-        Some(at) => (&unsigned[..at], unsigned[at + 1..].parse::<i64>().unwrap_or(0)),
+        Some(at) => (
+            &unsigned[..at],
+            unsigned[at + 1..].parse::<i64>().unwrap_or(0),
+        ),
         None => (unsigned, 0),
     };
     let (integer, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
@@ -938,13 +942,23 @@ mod tests {
         assert_eq!(canonical("15e-1"), canonical("1.5"));
         assert_eq!(canonical("100"), canonical("1e2"));
         assert_eq!(canonical("-0.0"), canonical("0"));
-        assert_ne!(canonical("0.9407462388099621"), canonical("0.940746238809962"));
-        assert_ne!(canonical("123456789012345678901234567890"), canonical("123456789012345678901234567891"));
+        assert_ne!(
+            canonical("0.9407462388099621"),
+            canonical("0.940746238809962")
+        );
+        assert_ne!(
+            canonical("123456789012345678901234567890"),
+            canonical("123456789012345678901234567891")
+        );
         assert_eq!(
             canonical(r#"{"b": [1, 2.0], "a": {"x": "y"}}"#),
             canonical(r#"{"a":{"x":"y"},"b":[1,2]}"#)
         );
-        assert_ne!(canonical(r#"["1.5"]"#), canonical("[1.5]"), "a string is not a number");
+        assert_ne!(
+            canonical(r#"["1.5"]"#),
+            canonical("[1.5]"),
+            "a string is not a number"
+        );
         assert_eq!(canonical(r#""\u00e9""#), canonical("\"\u{e9}\""));
     }
 
