@@ -655,8 +655,7 @@ async fn the_sink_picks_up_the_topic_of_a_table_whose_topic_appears_after_it_sta
     let mut config = sink_config(&name);
     config.postgres.tables.push("public.later".into());
     let topic = items_topic(&config).await;
-    apply_first(
-        &config,
+    produce_keyed(
         &topic,
         &[event("c", 1, json!({"id": 1, "note": "a"}), 1_000, &[])],
     )
@@ -761,7 +760,8 @@ async fn a_dead_lettered_survivor_does_not_drop_the_delete_it_superseded() {
     let config = sink_config(&name("exact_dlq_collapse"));
     let topic = items_topic(&config).await;
     let alias = items_alias(&config);
-    produce_keyed(
+    apply_first(
+        &config,
         &topic,
         &[event(
             "c",
