@@ -1626,9 +1626,6 @@ fn env_u64(name: &str) -> Option<u64> {
     )
 }
 
-// Not in `make test` yet: the suite was written this session and has not finished a verified
-// run on the final code; `make chaos` runs it (see docs/development.md).
-#[ignore = "run by `make chaos` until its seeds are verified in CI"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seeded_workload_with_faults_leaves_every_index_equal_to_its_table() {
     let _resume = ResumeAll::install();
