@@ -1106,15 +1106,24 @@ impl Drop for Run {
         let remaining =
             format!("SELECT count(*) FROM pg_replication_slots WHERE slot_name = '{name}'");
         // A killed walsync's walsender may hold the slot for a moment.
+        let mut dropped = false;
         for _ in 0..20 {
             let output = std::process::Command::new(script)
                 .args(["psql", "-qAt", "-c", &drop_slot, "-c", &remaining])
                 .output();
             if output.is_ok_and(|o| String::from_utf8_lossy(&o.stdout).lines().last() == Some("0"))
             {
+                dropped = true;
                 break;
             }
             std::thread::sleep(Duration::from_millis(500));
+        }
+        if !dropped {
+            // A slot left behind holds WAL on the shared server: say so loudly.
+            eprintln!(
+                "could not drop the replication slot {name} (scripts/stack psql failed?): \
+                 drop it by hand with SELECT pg_drop_replication_slot('{name}')"
+            );
         }
         if self.keep {
             eprintln!("CHAOS_KEEP: schema {name}, its publication and indices {name}-* are kept");
