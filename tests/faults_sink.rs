@@ -21,6 +21,7 @@ use walsync::shell::config::Config;
 use common::kafka::topic_size;
 use common::pipeline::{compare, wait_equal};
 use common::process::{Paused, Walsync, pipeline_config, stack_control};
+use common::rng::Rng;
 use common::source::{drop_slot, name, sql};
 use common::{stack, wait_for};
 
@@ -32,27 +33,6 @@ const CATCH_UP: Duration = Duration::from_secs(180);
 const SETTLE: Duration = Duration::from_secs(2);
 
 // --- workload --------------------------------------------------------------------------------
-
-/// splitmix64: small, seedable, good enough to pick rows and delays.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, bound: u64) -> u64 {
-        self.next() % bound.max(1)
-    }
-
-    fn between(&mut self, low: u64, high: u64) -> u64 {
-        low + self.below(high - low + 1)
-    }
-}
 
 fn clock_seed() -> u64 {
     SystemTime::now()
@@ -93,7 +73,7 @@ impl std::fmt::Display for WorkloadDone {
 /// About `target` row changes in many transactions, paced at `per_second`.
 async fn workload(table: String, target: u64, per_second: u64, seed: u64) -> WorkloadDone {
     let mut client = sql().await;
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     // Every 40th row gets a ~3 kB body, TOASTed out of line.
     let insert = format!(
         "INSERT INTO {table} (id, n, note, body)
@@ -613,7 +593,7 @@ async fn kill_9_of_walsync_run_at_random_points_of_a_workload_ends_with_the_inde
     let probe = GroupProbe::new(&format!("{name}-sink"), &format!("{name}.public.{name}"));
     let seed = clock_seed();
     println!("seed (workload and kill points): {seed}");
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let load = tokio::spawn(workload(table.clone(), 50_000, 2_000, rng.next()));
 
     // At least KILLS kills, and on until the workload is over.

@@ -8,6 +8,7 @@ pub mod literals;
 pub mod oracle;
 pub mod pipeline;
 pub mod process;
+pub mod rng;
 pub mod sink;
 pub mod source;
 
