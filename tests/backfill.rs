@@ -278,12 +278,12 @@ async fn a_backfill_under_a_workload_misses_no_change_and_removes_rows_deleted_u
         .missing
         .iter()
         .chain(&report.extra)
-        .chain(report.different.iter().map(|(id, _)| id))
+        .chain(report.differing.iter().map(|difference| &difference.id))
         .filter(|id| !late.contains(*id))
         .collect();
     assert!(
         unexplained.is_empty(),
-        "changes committed before the backfill's stream position are missing: {unexplained:?} ({report:#?})"
+        "changes committed before the backfill's stream position are missing: {unexplained:?} ({report})"
     );
     assert!(
         !report.extra.contains(&"999999".to_owned()),

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::kafka::read_topic_until;
 use common::pipeline::{
-    RunningPipeline, alias_of, compare, pipeline_config, search_client, wait_equal,
+    RunningPipeline, alias_of, compare, pipeline_config, search_client, verify_compare, wait_equal,
 };
 use common::process::{Walsync, test_binary};
 use common::sink::{
@@ -168,15 +168,21 @@ async fn numbers_reach_the_document_digit_for_digit_and_verify_sees_a_one_ulp_ch
     };
     // 0.9407462388099622 is the next float8 after 0.9407462388099621.
     write_text(original.replace("0.9407462388099621", "0.9407462388099622")).await;
-    let report = compare(&config, "public", &name, &["id"]).await;
+    let report = verify_compare(&config, "public", &name, &["id"]).await;
     assert_eq!(report.different.len(), 1, "{report:#?}");
     assert_eq!(report.different[0].1, ["f"], "{report:#?}");
+    // The oracle, which shares no code with verify, sees the same difference.
+    let oracle = compare(&config, "public", &name, &["id"]).await;
+    assert_eq!(oracle.differing.len(), 1, "{oracle}");
+    assert_eq!(oracle.differing[0].fields, ["f"], "{oracle}");
 
     let parsed: Value = serde_json::from_str(&original).unwrap();
     let big_value = parsed["big"].as_str().unwrap();
     write_text(original.replace(big_value, "not the row's value")).await;
-    let report = compare(&config, "public", &name, &["id"]).await;
+    let report = verify_compare(&config, "public", &name, &["id"]).await;
     assert_eq!(report.different[0].1, ["big"], "{report:#?}");
+    let oracle = compare(&config, "public", &name, &["id"]).await;
+    assert_eq!(oracle.differing[0].fields, ["big"], "{oracle}");
 
     let response = search
         .delete(elasticsearch::DeleteParts::IndexId(&alias, "2"))
@@ -185,8 +191,10 @@ async fn numbers_reach_the_document_digit_for_digit_and_verify_sees_a_one_ulp_ch
         .expect("delete document 2");
     assert!(response.status_code().is_success());
     refresh(&search, &alias).await.unwrap();
-    let report = compare(&config, "public", &name, &["id"]).await;
+    let report = verify_compare(&config, "public", &name, &["id"]).await;
     assert_eq!(report.missing, ["2"], "{report:#?}");
+    let oracle = compare(&config, "public", &name, &["id"]).await;
+    assert_eq!(oracle.missing, ["2"], "{oracle}");
     drop_slot(&name).await;
 }
 

@@ -371,7 +371,7 @@ async fn wait_caught_up(
     let report = compare(config, "public", table_name, &["id"]).await;
     assert!(
         report.is_equal(),
-        "equal once, different after the sink committed everything: {report:#?}"
+        "equal once, different after the sink committed everything: {report}"
     );
     println!(
         "{} rows, {} documents: equal; every event committed",

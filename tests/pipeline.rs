@@ -54,7 +54,7 @@ async fn inserts_updates_deletes_truncate_and_key_changes_end_with_the_index_equ
     )
     .await;
     let report = compare(&config, "public", &name, &["shop", "sku"]).await;
-    assert_eq!(report.rows, 99, "{report:#?}");
+    assert_eq!(report.rows, 99, "{report}");
     assert_eq!(report.documents, 99);
 
     pipeline.stop().await;
@@ -123,7 +123,7 @@ async fn replaying_the_topic_from_the_start_changes_nothing_and_counts_stale_wri
         "stale writes are counted: {stats:?}"
     );
     let report = compare(&config, "public", &name, &["id"]).await;
-    assert!(report.is_equal(), "{report:#?}");
+    assert!(report.is_equal(), "{report}");
     drop_slot(&name).await;
 }
 
@@ -155,7 +155,7 @@ async fn a_truncate_inside_a_transaction_removes_only_what_came_before_it() {
         .expect("a transaction that truncates between inserts");
     wait_equal(&config, "public", &name, &["id"], Duration::from_secs(120)).await;
     let report = compare(&config, "public", &name, &["id"]).await;
-    assert_eq!(report.rows, 12, "{report:#?}");
+    assert_eq!(report.rows, 12, "{report}");
     pipeline.stop().await;
     drop_slot(&name).await;
 }

@@ -38,8 +38,11 @@
 //! | everything else (text, enums, `uuid`, `time`, `timetz`, `money`, ranges, …) | a string | the same string |
 //!
 //! Composite columns (which `row_to_json` nests as objects while walsync writes their text) are
-//! not supported, nor are the `rename`, `include_columns` and `exclude_columns` table settings.
-//! Generated columns are left out, as pgoutput leaves them out.
+//! not supported. The table settings that shape a document (`key_columns`, `include_columns`,
+//! `exclude_columns`, `rename`) are given to the oracle as a [`Shape`] of plain names and
+//! applied here by their documented meaning (docs/configuration.md: include, then exclude, then
+//! rename; the id from the key columns' values whether or not they are kept). Generated columns
+//! are left out, as pgoutput leaves them out.
 //!
 //! Document ids: one key column gives the value's text (a string as is, a number as its digits,
 //! a bytea key as its base64 text, an array key as its compact JSON); several give a compact JSON
@@ -840,6 +843,29 @@ impl fmt::Display for OracleReport {
 
 // --- reading both sides ---------------------------------------------------------------------------
 
+/// How a table's rows become documents, as the table's settings say (all empty: every column
+/// under its own name, the id from the primary key).
+#[derive(Debug, Clone, Default)]
+pub struct Shape {
+    /// The columns the id is made of, in order; empty for the primary key.
+    pub key: Vec<String>,
+    /// Only these columns become fields (empty: all).
+    pub include: BTreeSet<String>,
+    pub exclude: BTreeSet<String>,
+    /// Column → field name.
+    pub rename: BTreeMap<String, String>,
+}
+
+impl Shape {
+    fn keeps(&self, column: &str) -> bool {
+        (self.include.is_empty() || self.include.contains(column)) && !self.exclude.contains(column)
+    }
+
+    fn field<'a>(&'a self, column: &'a str) -> &'a str {
+        self.rename.get(column).map_or(column, String::as_str)
+    }
+}
+
 /// A connection to each side; reusable for many comparisons.
 pub struct Oracle {
     pg: tokio_postgres::Client,
@@ -893,17 +919,30 @@ impl Oracle {
         }
     }
 
-    /// Compares `schema.table` with the index (or alias) `alias`.
+    /// Compares `schema.table` with the index (or alias) `alias`, every column under its own
+    /// name and the id from the primary key.
     pub async fn compare(
         &self,
         schema: &str,
         table: &str,
         alias: &str,
     ) -> Result<OracleReport, String> {
+        self.compare_shaped(schema, table, alias, &Shape::default())
+            .await
+    }
+
+    /// Compares `schema.table` with `alias`, the documents shaped by `shape`.
+    pub async fn compare_shaped(
+        &self,
+        schema: &str,
+        table: &str,
+        alias: &str,
+        shape: &Shape,
+    ) -> Result<OracleReport, String> {
         // The index first: a row changed after the index was read may differ, but the sink
         // will catch up with it, and a caller that polls sees the two converge.
         let documents = self.read_index(alias).await?;
-        let table_side = self.read_table(schema, table).await?;
+        let table_side = self.read_table(schema, table, shape).await?;
         let mut report = OracleReport {
             table: format!("{schema}.{table}"),
             alias: alias.to_owned(),
@@ -979,7 +1018,12 @@ impl Oracle {
         Ok(report)
     }
 
-    async fn read_table(&self, schema: &str, table: &str) -> Result<TableSide, String> {
+    async fn read_table(
+        &self,
+        schema: &str,
+        table: &str,
+        shape: &Shape,
+    ) -> Result<TableSide, String> {
         let relation = format!("{}.{}", quote_ident(schema), quote_ident(table));
         let attributes = self
             .pg
@@ -998,7 +1042,7 @@ impl Oracle {
             let type_oid: u32 = attribute.get(1);
             columns.push((name, self.kind_of(type_oid, 0).await?));
         }
-        let key: Vec<String> = self
+        let primary_key: Vec<String> = self
             .pg
             .query(
                 "SELECT a.attname::text FROM pg_index i
@@ -1013,8 +1057,16 @@ impl Oracle {
             .iter()
             .map(|row| row.get(0))
             .collect();
+        let key = if shape.key.is_empty() {
+            primary_key
+        } else {
+            shape.key.clone()
+        };
         if key.is_empty() {
             return Err(format!("{relation} has no primary key"));
+        }
+        if let Some(missing) = key.iter().find(|k| !columns.iter().any(|(c, _)| c == *k)) {
+            return Err(format!("{relation} has no key column {missing}"));
         }
         let texts = self
             .pg
@@ -1039,10 +1091,20 @@ impl Oracle {
             }
             let key_values: Vec<Json> = key.iter().map(|k| expected[k].clone()).collect();
             let id = document_id(&key_values).map_err(|e| format!("{relation}: {e}"))?;
-            if rows.insert(id.clone(), expected).is_some() {
+            let fields = expected
+                .into_iter()
+                .filter(|(column, _)| shape.keeps(column))
+                .map(|(column, value)| (shape.field(&column).to_owned(), value))
+                .collect();
+            if rows.insert(id.clone(), fields).is_some() {
                 return Err(format!("{relation}: two rows share the id {id}"));
             }
         }
+        let columns = columns
+            .into_iter()
+            .filter(|(column, _)| shape.keeps(column))
+            .map(|(column, kind)| (shape.field(&column).to_owned(), kind))
+            .collect();
         Ok(TableSide { columns, rows })
     }
 

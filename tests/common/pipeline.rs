@@ -1,5 +1,6 @@
 //! Running the whole pipeline in-process (source and sink) and checking an index against its
-//! table with the comparison core.
+//! table: through the independent oracle (`compare`, `wait_equal`), or through walsync's own
+//! comparison core when `verify` itself is under test (`verify_compare`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,6 +15,7 @@ use walsync::sink::compare::{
 use walsync::sink::index::{alias_name, build_client, refresh};
 use walsync::source::{self, SourceExit};
 
+use super::oracle::{Oracle, OracleReport, Shape};
 use super::source::{config_for, sql};
 use super::stack;
 
@@ -89,35 +91,53 @@ pub fn alias_of(config: &Config, schema: &str, table: &str) -> String {
     alias_name(&config.elasticsearch, &table_config, schema, table)
 }
 
-/// Compares one table with its index (after a refresh).
-pub async fn compare(config: &Config, schema: &str, table: &str, key: &[&str]) -> ComparisonReport {
-    try_compare(config, schema, table, key)
-        .await
-        .expect("the index exists")
+/// The oracle's shape for `schema.table` under `config`: the table's column settings, the id
+/// from `key`.
+pub fn oracle_shape(config: &Config, schema: &str, table: &str, key: &[&str]) -> Shape {
+    let table_config = table_config(config, schema, table);
+    Shape {
+        key: key.iter().map(|k| k.to_string()).collect(),
+        include: table_config.include_columns.iter().cloned().collect(),
+        exclude: table_config.exclude_columns.iter().cloned().collect(),
+        rename: table_config.rename.clone(),
+    }
 }
 
-/// Compares one table with its index (after a refresh); `None` while the index does not exist.
-pub async fn try_compare(
+fn table_config(config: &Config, schema: &str, table: &str) -> TableConfig {
+    config
+        .tables
+        .get(&format!("{schema}.{table}"))
+        .cloned()
+        .unwrap_or_default()
+}
+
+/// Compares one table with its index through the independent oracle (tests/common/oracle.rs),
+/// which shares no code with walsync.
+pub async fn compare(config: &Config, schema: &str, table: &str, key: &[&str]) -> OracleReport {
+    let alias = alias_of(config, schema, table);
+    Oracle::connect()
+        .await
+        .compare_shaped(schema, table, &alias, &oracle_shape(config, schema, table, key))
+        .await
+        .unwrap_or_else(|error| panic!("the oracle cannot compare {schema}.{table}: {error}"))
+}
+
+/// Compares one table with its index through walsync's own comparison core (the one `walsync
+/// verify` uses), after a refresh: for tests of `verify` itself.
+pub async fn verify_compare(
     config: &Config,
     schema: &str,
     table: &str,
     key: &[&str],
-) -> Option<ComparisonReport> {
+) -> ComparisonReport {
     let client = sql().await;
     let search = search_client();
     let alias = alias_of(config, schema, table);
-    // A missing index is "not yet"; any other failure is the test's to see, not a timeout.
-    match refresh(&search, &alias).await {
-        Ok(()) => {}
-        Err(walsync::sink::index::IndexError::Refused { status: 404, .. }) => return None,
-        Err(error) => panic!("cannot refresh {alias}: {error}"),
-    }
+    refresh(&search, &alias)
+        .await
+        .unwrap_or_else(|error| panic!("cannot refresh {alias}: {error}"));
     let key_columns: Vec<String> = key.iter().map(|k| k.to_string()).collect();
-    let table_config: TableConfig = config
-        .tables
-        .get(&format!("{schema}.{table}"))
-        .cloned()
-        .unwrap_or_default();
+    let table_config = table_config(config, schema, table);
     let target = ComparisonTarget {
         schema,
         table,
@@ -125,14 +145,13 @@ pub async fn try_compare(
         table_config: &table_config,
         alias: &alias,
     };
-    Some(
-        compare_table(&client, &search, &target, &ComparisonOptions::default())
-            .await
-            .expect("compare the table with its index"),
-    )
+    compare_table(&client, &search, &target, &ComparisonOptions::default())
+        .await
+        .expect("compare the table with its index")
 }
 
-/// Waits until the index equals its table; panics with the last report otherwise.
+/// Waits until the index equals its table by the independent oracle; panics with the last
+/// report (or the last error, such as a missing index) otherwise.
 pub async fn wait_equal(
     config: &Config,
     schema: &str,
@@ -140,16 +159,23 @@ pub async fn wait_equal(
     key: &[&str],
     deadline: Duration,
 ) {
+    let alias = alias_of(config, schema, table);
+    let shape = oracle_shape(config, schema, table, key);
+    let oracle = Oracle::connect().await;
     let start = std::time::Instant::now();
     loop {
-        let report = try_compare(config, schema, table, key).await;
-        if report.as_ref().is_some_and(ComparisonReport::is_equal) {
+        let last = oracle.compare_shaped(schema, table, &alias, &shape).await;
+        if last.as_ref().is_ok_and(OracleReport::is_equal) {
             return;
         }
-        assert!(
-            start.elapsed() < deadline,
-            "the index never equalled the table within {deadline:?}: {report:#?}"
-        );
+        if start.elapsed() > deadline {
+            match last {
+                Ok(report) => {
+                    panic!("the index never equalled the table within {deadline:?}:\n{report}")
+                }
+                Err(error) => panic!("no comparison succeeded within {deadline:?}: {error}"),
+            }
+        }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
