@@ -27,7 +27,8 @@ use crate::postgres::catalog::Catalog;
 use crate::postgres::copy_registry::RegistryError;
 use crate::postgres::lsn::Lsn;
 use crate::postgres::pgoutput::{self, LogicalMessage, OldTuple, Relations};
-use crate::postgres::replication::frames::{ErrorAction, ReplicationMessage, StatusUpdate};
+use crate::postgres::replication::frames::{ReplicationMessage, StatusUpdate};
+use crate::retry::{Backoff, Disposition};
 use crate::postgres::replication::{
     ConnectParams, ReplicationClient, ReplicationError, ReplicationStream, SlotSnapshot,
     StatusSender,
@@ -137,7 +138,7 @@ pub async fn run(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::Res
         })
         .collect();
 
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = Backoff::starting_at(Duration::from_millis(500));
     let mut first_attempt = true;
     loop {
         let attempt = stream_once(
@@ -159,11 +160,10 @@ pub async fn run(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::Res
                 if !is_transient(&error) || *stop.borrow() {
                     return Err(error);
                 }
-                tracing::warn!(error = %format!("{error:#}"), ?backoff, "replication interrupted; waiting for Kafka, then resuming from the confirmed LSN");
+                tracing::warn!(error = %format!("{error:#}"), backoff = ?backoff.next_delay(), "replication interrupted; waiting for Kafka, then resuming from the confirmed LSN");
                 let producer = Arc::clone(&producer);
                 tokio::task::spawn_blocking(move || producer.flush(DRAIN_TIMEOUT)).await??;
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(30));
+                backoff.wait().await;
                 // A restarted server closed the metadata connection too.
                 if catalog.client().is_closed() {
                     match Catalog::connect(&params).await {
@@ -343,23 +343,19 @@ async fn failure_of(
     }
 }
 
-/// Whether reconnecting can help: the replication connection dropped or the server is
-/// restarting or overloaded, for either connection.
+/// Whether reconnecting can help: the PostgreSQL rule (`postgres::disposition`) for either
+/// connection says retry.
 fn is_transient(error: &anyhow::Error) -> bool {
-    if let Some(replication) = error.downcast_ref::<ReplicationError>() {
-        return replication.action() == ErrorAction::Retry;
-    }
-    if let Some(postgres) = error.downcast_ref::<tokio_postgres::Error>() {
-        return postgres_is_transient(postgres);
-    }
-    if let Some(RegistryError::Postgres(postgres)) = error.downcast_ref::<RegistryError>() {
-        return postgres_is_transient(postgres);
-    }
-    false
-}
-
-fn postgres_is_transient(error: &tokio_postgres::Error) -> bool {
-    crate::postgres::is_transient(error)
+    let disposition = if let Some(replication) = error.downcast_ref::<ReplicationError>() {
+        replication.disposition()
+    } else if let Some(postgres) = error.downcast_ref::<tokio_postgres::Error>() {
+        crate::postgres::disposition(postgres)
+    } else if let Some(RegistryError::Postgres(postgres)) = error.downcast_ref::<RegistryError>() {
+        crate::postgres::disposition(postgres)
+    } else {
+        Disposition::Stop
+    };
+    disposition == Disposition::Retry
 }
 
 /// Starts the copy of the tables whose initial copy is not complete (all of them again with

@@ -9,12 +9,11 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use common::pipeline::{RunningPipeline, alias_of, search_client, wait_equal};
 use common::process::{pipeline_config, source_config};
+use common::scratch::ScratchPg;
 use common::source::{RunningSource, config_for, drop_slot, name, sql};
 use common::{admin_client, stack, wait_for};
 use elasticsearch::{GetParts, IndexParts};
@@ -542,59 +541,4 @@ async fn verify_finds_no_difference_under_a_live_workload_and_names_an_altered_d
     );
     assert!(stalled.stdout.contains("bytes behind"), "{stalled}");
     drop_slot(&name).await;
-}
-
-// --- a throwaway cluster ------------------------------------------------------------------------
-
-fn stack_script() -> Command {
-    Command::new(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/stack"))
-}
-
-/// A throwaway cluster (`scripts/stack scratch-pg`), stopped and deleted when dropped.
-struct ScratchPg {
-    port: u16,
-    url: String,
-}
-
-impl ScratchPg {
-    fn up(settings: &[&str]) -> Self {
-        let port = free_scratch_port();
-        let mut cluster = Self {
-            port,
-            url: String::new(),
-        };
-        let output = stack_script()
-            .args(["scratch-pg", "up", &port.to_string()])
-            .args(settings)
-            .output()
-            .expect("run scripts/stack scratch-pg up");
-        assert!(
-            output.status.success(),
-            "scripts/stack scratch-pg up {port} failed:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        cluster.url = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-        assert!(cluster.url.starts_with("postgres://"), "{}", cluster.url);
-        cluster
-    }
-}
-
-impl Drop for ScratchPg {
-    fn drop(&mut self) {
-        let _ = stack_script()
-            .args(["scratch-pg", "down", &self.port.to_string()])
-            .output();
-    }
-}
-
-/// A port from 25533 up (above the range tests/source_preflight.rs takes) that nothing
-/// listens on and no scratch cluster claims.
-fn free_scratch_port() -> u16 {
-    let stack_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".stack");
-    (25533..25633)
-        .find(|port| {
-            !stack_dir.join(format!("scratch-pg-{port}")).exists()
-                && std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok()
-        })
-        .expect("a free port in 25533..25633")
 }

@@ -9,11 +9,11 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::kafka::read_topic;
 use common::process::{Walsync, source_config};
+use common::scratch::{ScratchPg, stack_script};
 use common::source::{RunningSource, config_for, name, sql};
 use common::{admin_client, stack, wait_for};
 use serde_json::json;
@@ -28,10 +28,6 @@ use walsync::source::{self, SourceExit};
 /// it exclusively until it streams, so a neighbour's first migration is never mistaken for a
 /// change made by a refused start.
 static MIGRATIONS: RwLock<()> = RwLock::const_new(());
-
-fn stack_script() -> Command {
-    Command::new(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/stack"))
-}
 
 /// Runs SQL as the superuser through `scripts/stack psql`: usable from `Drop`.
 fn admin_psql(sql: &str) -> Option<String> {
@@ -258,64 +254,6 @@ async fn lsn(client: &Client, sql: &str) -> Lsn {
 }
 
 // --- 1. wal_level = replica --------------------------------------------------------------------
-
-/// A throwaway cluster (`scripts/stack scratch-pg`), stopped and deleted when dropped.
-struct ScratchPg {
-    port: u16,
-    url: String,
-}
-
-impl ScratchPg {
-    fn up(settings: &[&str]) -> Self {
-        let port = free_scratch_port();
-        // The guard exists before the start, so a half-made cluster is removed too.
-        let mut cluster = Self {
-            port,
-            url: String::new(),
-        };
-        let output = stack_script()
-            .args(["scratch-pg", "up", &port.to_string()])
-            .args(settings)
-            .output()
-            .expect("run scripts/stack scratch-pg up");
-        assert!(
-            output.status.success(),
-            "scripts/stack scratch-pg up {port} failed:\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        cluster.url = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-        assert!(cluster.url.starts_with("postgres://"), "{}", cluster.url);
-        cluster
-    }
-}
-
-impl Drop for ScratchPg {
-    fn drop(&mut self) {
-        match stack_script()
-            .args(["scratch-pg", "down", &self.port.to_string()])
-            .output()
-        {
-            Ok(output) if output.status.success() => {}
-            Ok(output) => eprintln!(
-                "scripts/stack scratch-pg down {} failed:\n{}",
-                self.port,
-                String::from_utf8_lossy(&output.stderr)
-            ),
-            Err(error) => eprintln!("cannot run scripts/stack scratch-pg down: {error}"),
-        }
-    }
-}
-
-/// A port from 25433 up that nothing listens on and no scratch cluster claims.
-fn free_scratch_port() -> u16 {
-    let stack_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".stack");
-    (25433..25533)
-        .find(|port| {
-            !stack_dir.join(format!("scratch-pg-{port}")).exists()
-                && std::net::TcpListener::bind(("127.0.0.1", *port)).is_ok()
-        })
-        .expect("a free port in 25433..25533")
-}
 
 async fn connect(url: &str) -> Client {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)

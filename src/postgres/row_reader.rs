@@ -17,9 +17,11 @@
 //!   (`format('%s', column)`, not `::text`, which differs for `bool`, `inet`, `char(n)`…) and
 //!   encoded by the source's codec, so a re-read value equals a streamed one byte for byte.
 //! - **Dispositions.** A connection failure, a restart or an overload
-//!   ([`super::is_transient`]) is [`RowSourceError::Transient`] (the caller waits and retries,
+//!   (the PostgreSQL rule, [`super::disposition`]) is [`RowSourceError::Transient`] (the caller waits and retries,
 //!   with a fresh connection); a table or key column that no longer exists, or a key that
-//!   cannot be read back, is [`RowSourceError::Permanent`]. A requested column that was dropped
+//!   cannot be read back, is [`RowSourceError::Permanent`]. One refinement of the rule belongs to
+//!   the re-read alone: its prepared statement going stale (a column dropped or retyped since,
+//!   42703/0A000/26000/42804) is retried with a fresh view of the table. A requested column that was dropped
 //!   is reported in [`RowRead::Found::dropped`] and left out.
 
 use std::collections::HashMap;
@@ -28,6 +30,8 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use tokio::sync::Mutex;
 use tokio_postgres::Statement;
+
+use crate::retry::Disposition;
 use tokio_postgres::types::Type;
 
 use crate::event::{RawRow, raw_value};
@@ -269,8 +273,7 @@ impl Connection {
 }
 
 fn postgres_error(error: tokio_postgres::Error) -> RowSourceError {
-    // Without a SQLSTATE the failure is the connection's (I/O), not the statement's.
-    if super::is_transient(&error) || error.code().is_none() {
+    if super::disposition(&error) == Disposition::Retry {
         RowSourceError::Transient(format!("PostgreSQL: {error}"))
     } else {
         let detail = error

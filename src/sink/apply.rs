@@ -60,6 +60,7 @@ use crate::kafka::producer::client_config;
 use crate::kafka::topics;
 use crate::postgres::row_reader::PostgresRowReader;
 use crate::postgres::types::CodecOptions;
+use crate::retry::{Backoff, Disposition};
 use crate::shell::config::{Config, DeleteMode, TableConfig};
 use crate::shell::health::HEALTH;
 use crate::shell::metrics::{self, SinkTableMetrics};
@@ -74,7 +75,8 @@ use crate::sink::index::{self, IndexOverrides, alias_name, ensure_index};
 use crate::sink::partitions::{BatchLimits, PartitionKey, Partitions};
 use crate::sink::routing::{Routes, TableName};
 use crate::sink::toast::{
-    self, BatchEvent, EventKind, FillPlan, RowRead, RowSource, RowSourceError, StoredDocument,
+    self, BatchEvent, EventKind, FillPlan, FillSource, RowRead, RowSource, RowSourceError,
+    StoredDocument, StoredState,
 };
 
 /// How long a requested stop waits for the bulks in flight.
@@ -1510,10 +1512,14 @@ impl Sink {
             return Ok(DeleteByQuery::Done { deleted });
         }
         let body = response.text().await.unwrap_or_default();
-        match status {
-            404 => Ok(DeleteByQuery::IndexMissing),
-            408 | 429 | 500.. => Ok(DeleteByQuery::Retry(format!("HTTP {status}: {body}"))),
-            _ => bail!("{what} in {alias}: delete_by_query answered {status}: {body}"),
+        if status == 404 && index::answer_error_type(&body).as_deref() == Some("index_not_found_exception") {
+            return Ok(DeleteByQuery::IndexMissing);
+        }
+        match index::answer_disposition(status, index::answer_error_type(&body).as_deref()) {
+            Disposition::Retry => Ok(DeleteByQuery::Retry(format!("HTTP {status}: {body}"))),
+            Disposition::Stop | Disposition::DeadLetter => {
+                bail!("{what} in {alias}: delete_by_query answered {status}: {body}")
+            }
         }
     }
 
@@ -1556,19 +1562,22 @@ impl Sink {
             let item = &mut rest[0];
             let stored = ids[position]
                 .as_ref()
-                .and_then(|id| stored.get(&(item.target.alias.clone(), id.clone())))
-                .filter(|stored| !stored.deleted);
+                .and_then(|id| stored.get(&(item.target.alias.clone(), id.clone())));
+            let state = stored.map(|stored| StoredState {
+                version: stored.version,
+                deleted: stored.deleted,
+            });
             // An earlier event holds column names; a stored document, field names.
-            let found = match plans[position] {
-                FillPlan::Nothing | FillPlan::Reread => None,
-                FillPlan::Batch(at) => earlier[at].envelope.after.as_ref().map(|row| (row, false)),
-                FillPlan::SnapshotRowUnlessStoredNewer(at) => match stored {
-                    Some(stored) if stored.version > earlier[at].envelope.source.commit_lsn => {
-                        Some((&stored.fields, true))
-                    }
-                    _ => earlier[at].envelope.after.as_ref().map(|row| (row, false)),
-                },
-                FillPlan::Stored => stored.map(|stored| (&stored.fields, true)),
+            let found = match toast::fill_source(
+                plans[position],
+                state,
+                item.envelope.source.commit_lsn,
+            ) {
+                FillSource::Nothing | FillSource::Reread => None,
+                FillSource::Batch(at) => {
+                    earlier[at].envelope.after.as_ref().map(|row| (row, false))
+                }
+                FillSource::Stored => stored.map(|stored| (&stored.fields, true)),
             };
             if let (Some((row, by_field)), Some(after)) = (found, item.envelope.after.as_mut()) {
                 let shape = &item.target.shape;
@@ -1815,30 +1824,6 @@ impl ConflictRate {
 }
 
 /// Exponential backoff with jitter, capped at 30 s.
-struct Backoff {
-    next: Duration,
-}
-
-impl Backoff {
-    fn new() -> Self {
-        Self {
-            next: Duration::from_millis(100),
-        }
-    }
-
-    async fn wait(&mut self) {
-        let jitter = (std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0)
-            % 1000) as f64
-            / 1000.0;
-        let delay = self.next.mul_f64(0.5 + jitter / 2.0);
-        tokio::time::sleep(delay).await;
-        self.next = (self.next * 2).min(Duration::from_secs(30));
-    }
-}
-
 /// The mappings of the indices behind `alias`, keyed by index name.
 async fn read_mapping(client: &Elasticsearch, alias: &str) -> anyhow::Result<Value> {
     let response = client
@@ -1864,8 +1849,8 @@ async fn read_mapping(client: &Elasticsearch, alias: &str) -> anyhow::Result<Val
         .map_err(|source| index::transport_error("read the mapping of", alias, source).into())
 }
 
-/// Whether a failure to check or create an index may pass by itself: the server unreachable,
-/// timing out, overloaded or not ready yet (408, 429, 5xx). Anything else needs an operator.
+/// Whether a failure to check or create an index, or another request to the search server, may
+/// pass by itself: the search side's one rule ([`IndexError::disposition`]).
 fn index_error_is_transient(error: &anyhow::Error) -> bool {
     error
         .downcast_ref::<index::IndexError>()
@@ -1873,11 +1858,7 @@ fn index_error_is_transient(error: &anyhow::Error) -> bool {
 }
 
 fn search_error_is_transient(error: &index::IndexError) -> bool {
-    match error {
-        index::IndexError::Transport { .. } => true,
-        index::IndexError::Refused { status, .. } => matches!(status, 408 | 429) || *status >= 500,
-        _ => false,
-    }
+    error.disposition() == Disposition::Retry
 }
 
 /// Where a truncate happened: events before it (by commit LSN, then by their own LSN within

@@ -53,12 +53,15 @@
 //! | HTTP status of `_bulk` | failure | what to do |
 //! |---|---|---|
 //! | 413 | `TooLarge` | split the batch in halves, down to one document; one document alone is dead-lettered |
-//! | 408, 429, 5xx, other unknown statuses | `Retry` | back off and send the same batch again |
-//! | 403 `cluster_block_exception` | `Retry` | a cluster-wide write block; the operator lifts it |
+//! | 408, 429, 5xx | `Retry` | back off and send the same batch again |
+//! | `cluster_block_exception` (any status) | `Retry` | a cluster-wide write block; the operator lifts it |
 //! | 401 | `Fatal` | check `elasticsearch.username`/`password` or `api_key` |
 //! | 403 otherwise | `Fatal` | grant the user write privileges on walsync's indices and aliases |
-//! | 400, 406, 415 | `Fatal` | the server refused the request itself: a walsync bug or an unsupported server |
-//! | 404 | `Fatal` | check `elasticsearch.url` (a path prefix, a proxy route) |
+//! | 404, 405 | `Fatal` | check `elasticsearch.url` (a path prefix, a proxy route) |
+//! | any other status | `Fatal` | the server refused the request itself: a walsync bug or an unsupported server |
+//!
+//! Retry or fatal is the search side's one rule, `sink::index::answer_disposition`, which every
+//! other request of the sink follows too.
 //! | 2xx with an unreadable body | `UnreadableResponse` | retry the batch (idempotent thanks to external versions) |
 //! | 2xx with a different number of items than sent, or an item for another `_id` or operation | `ItemMismatch` | retry the batch; never guess which item is which |
 //!
@@ -69,6 +72,9 @@ use std::collections::HashMap;
 use std::collections::hash_map::Entry;
 
 use serde::{Deserialize, Serialize};
+
+use crate::retry::Disposition;
+use crate::sink::index::{answer_disposition, answer_error_type};
 use serde_json::{Map, Value};
 
 /// The version type of every write: equal versions are accepted, so a replayed event and the
@@ -565,38 +571,40 @@ fn describe_cause(cause: &ErrorCause) -> String {
     }
 }
 
-/// The failure of a `_bulk` call that did not answer 2xx.
+/// The failure of a `_bulk` call that did not answer 2xx: retried or fatal by the search side's
+/// one rule ([`answer_disposition`]), with the hint for the status; a 413 is split instead.
 fn request_failure(status: u16, body: &[u8]) -> BulkFailure {
     let error = request_error(body);
     let detail = format!("HTTP {status}: {error}");
-    match status {
-        413 => BulkFailure::TooLarge {
+    if status == 413 {
+        return BulkFailure::TooLarge {
             reason: format!(
                 "{detail}; lower sink.batch_max_bytes (or raise the server's http.max_content_length)"
             ),
+        };
+    }
+    let error_type = answer_error_type(&String::from_utf8_lossy(body));
+    match answer_disposition(status, error_type.as_deref()) {
+        Disposition::Retry => BulkFailure::Retry {
+            reason: if error_type.as_deref() == Some("cluster_block_exception") {
+                format!("{detail}; the cluster refuses writes until the block is lifted")
+            } else {
+                detail
+            },
         },
-        401 => BulkFailure::Fatal {
-            reason: format!(
-                "{detail}; check elasticsearch.username/password or elasticsearch.api_key"
-            ),
+        Disposition::Stop | Disposition::DeadLetter => BulkFailure::Fatal {
+            reason: format!("{detail}; {}", stop_hint(status)),
         },
-        403 if error.starts_with("cluster_block_exception") => BulkFailure::Retry {
-            reason: format!("{detail}; the cluster refuses writes until the block is lifted"),
-        },
-        403 => BulkFailure::Fatal {
-            reason: format!(
-                "{detail}; grant the Elasticsearch user write privileges on walsync's indices and aliases"
-            ),
-        },
-        400 | 406 | 415 => BulkFailure::Fatal {
-            reason: format!(
-                "{detail}; the server refused the request itself: a walsync bug or an unsupported server version"
-            ),
-        },
-        404 => BulkFailure::Fatal {
-            reason: format!("{detail}; check elasticsearch.url (path prefix, proxy route)"),
-        },
-        _ => BulkFailure::Retry { reason: detail },
+    }
+}
+
+/// What to fix when the search server refuses a request with `status`.
+fn stop_hint(status: u16) -> &'static str {
+    match status {
+        401 => "check elasticsearch.username/password or elasticsearch.api_key",
+        403 => "grant the Elasticsearch user write privileges on walsync's indices and aliases",
+        404 | 405 => "check elasticsearch.url (path prefix, proxy route)",
+        _ => "the server refused the request itself: a walsync bug or an unsupported server version",
     }
 }
 

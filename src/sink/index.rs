@@ -65,6 +65,7 @@ use elasticsearch::{CountParts, Elasticsearch, MgetParts};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
+use crate::retry::Disposition;
 use crate::shell::config::{ElasticsearchConfig, TableConfig};
 
 /// The field every document carries its change metadata in.
@@ -728,6 +729,43 @@ pub(crate) async fn refused(response: Response, action: &'static str, target: &s
 }
 
 /// Whether a refusal carries Elasticsearch error `error_type` (`error.type` in the body).
+/// The one rule for answers of the search server to a request (not to one bulk item, which
+/// `sink::bulk` judges on top of this): what may pass by itself is retried with backoff — a
+/// timeout or throttling (408, 429), the server or a proxy failing or starting (5xx), and a
+/// cluster-wide write block (`cluster_block_exception`, e.g. read-only after the flood-stage
+/// disk watermark, lifted by the operator or by the server once disk is freed). Everything
+/// else needs an operator: wrong credentials (401), missing privileges (403), a wrong URL or
+/// path prefix (404 where an index was expected to exist, 405), and requests the server
+/// refused as such (other 4xx).
+pub fn answer_disposition(status: u16, error_type: Option<&str>) -> Disposition {
+    match status {
+        408 | 429 | 500.. => Disposition::Retry,
+        _ if error_type == Some("cluster_block_exception") => Disposition::Retry,
+        _ => Disposition::Stop,
+    }
+}
+
+/// The `error.type` of an error answer's body, when it is JSON.
+pub fn answer_error_type(body: &str) -> Option<String> {
+    let value: Value = serde_json::from_str(body).ok()?;
+    Some(value.pointer("/error/type")?.as_str()?.to_owned())
+}
+
+impl IndexError {
+    /// What to do about it: the transport failing is retried, an answer by
+    /// [`answer_disposition`], and everything walsync decided itself (a bad URL, credentials,
+    /// override files, an index from another cluster or not walsync's) stops.
+    pub fn disposition(&self) -> Disposition {
+        match self {
+            IndexError::Transport { .. } => Disposition::Retry,
+            IndexError::Refused { status, body, .. } => {
+                answer_disposition(*status, answer_error_type(body).as_deref())
+            }
+            _ => Disposition::Stop,
+        }
+    }
+}
+
 fn is_error_type(error: &IndexError, error_type: &str) -> bool {
     let IndexError::Refused { body, .. } = error else {
         return false;
@@ -767,6 +805,41 @@ pub(crate) fn unexpected(action: &'static str, target: &str, reason: &str) -> In
 mod tests {
     use super::*;
     use crate::shell::config::Secret;
+
+    fn refused(status: u16, body: &str) -> IndexError {
+        IndexError::Refused {
+            action: "check",
+            target: "shop".into(),
+            status,
+            body: body.into(),
+        }
+    }
+
+    #[test]
+    fn every_request_follows_one_rule_for_the_search_servers_answers() {
+        // Creating or checking an index, delete-by-query, reading stored documents and a bulk
+        // request as a whole used to disagree on these; they all ask this one rule now.
+        for status in [408, 429, 500, 502, 503, 504] {
+            assert_eq!(answer_disposition(status, None), Disposition::Retry, "{status}");
+            assert_eq!(refused(status, "<html>proxy</html>").disposition(), Disposition::Retry);
+        }
+        let block = r#"{"error":{"type":"cluster_block_exception","reason":"index [shop_v1] blocked by: [TOO_MANY_REQUESTS/12/disk usage exceeded flood-stage watermark, index has read-only-allow-delete block]"},"status":429}"#;
+        assert_eq!(refused(429, block).disposition(), Disposition::Retry);
+        let read_only = r#"{"error":{"type":"cluster_block_exception","reason":"blocked by: [FORBIDDEN/6/cluster read-only (api)];"},"status":403}"#;
+        assert_eq!(refused(403, read_only).disposition(), Disposition::Retry);
+        // Credentials and privileges need an operator: never retried forever.
+        let unauthorized = r#"{"error":{"type":"security_exception","reason":"unable to authenticate user [walsync]"},"status":401}"#;
+        assert_eq!(refused(401, unauthorized).disposition(), Disposition::Stop);
+        let forbidden = r#"{"error":{"type":"security_exception","reason":"action [indices:data/read/mget] is unauthorized"},"status":403}"#;
+        assert_eq!(refused(403, forbidden).disposition(), Disposition::Stop);
+        for status in [400, 404, 405, 406, 415] {
+            assert_eq!(refused(status, "{}").disposition(), Disposition::Stop, "{status}");
+        }
+        assert_eq!(
+            IndexError::NotAnAlias { alias: "shop".into() }.disposition(),
+            Disposition::Stop
+        );
+    }
 
     fn config_with_prefix(prefix: &str) -> ElasticsearchConfig {
         ElasticsearchConfig {

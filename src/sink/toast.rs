@@ -3,23 +3,31 @@
 //! pgoutput does not send a TOASTed value that an update left untouched (REPLICA IDENTITY
 //! DEFAULT or USING INDEX); the event lists the column in `unchanged_toast_columns`. The
 //! document must still be written whole, at the event's version (design invariant 6), so the
-//! value is taken from **the row's own state just before this event**, and from nowhere else:
+//! value is taken from a state of the row that is provably **the row's own state just before
+//! this event**, or read from the row itself:
 //!
-//! 1. **An earlier event of the same document in this batch**, if it is the row's latest state:
-//!    the newest event so far by version (ties: the later one), not a delete ("never across a
-//!    delete"). Streamed events of one key reach their partition in commit order, and a replay
-//!    re-sends them in that order, so the newest earlier streamed event is the row's previous
-//!    state. A snapshot row (`r`, versioned `cp − 1`) is interleaved with the stream at any
-//!    offset, so it may be stale: it is the previous state only if the stored document is not
-//!    newer than it (a streamed change applied in an earlier batch superseded it otherwise,
-//!    and the stored document is then the previous state).
-//! 2. **Else the stored document**, when it is live: every earlier event of this key was
-//!    applied before this batch, in order, so the stored document is the row's previous state
-//!    (or newer, in which case this event is stale and is rejected anyway).
+//! 1. **An earlier streamed event of the same document in this batch**, if it is the row's
+//!    latest state: the newest event so far by version (ties: the later one), not a delete
+//!    ("never across a delete"). Streamed events of one key reach their partition in commit
+//!    order, and a replay re-sends them in that order, so the newest earlier streamed event of
+//!    the batch is the row's previous state — whether or not it is applied later: its values are
+//!    the row's, even if the server refuses its document.
+//! 2. **Else the stored document, only when its version is the event's own** (an earlier change
+//!    of the same transaction, applied in an earlier batch) and it is live. A stored document
+//!    of an older version is *not* proof of the previous state: the previous event may have been
+//!    dead-lettered, compacted away, applied to another partition after the topic grew, or
+//!    written to the old index of a backfill's swap — filling from it would write an old value
+//!    at a new version that a later replay could never correct.
 //! 3. **Else a re-read from PostgreSQL** by the event's key, on the table the record's topic
 //!    belongs to ([`RowSource`]). A value read later than the event is still safe: the row's
 //!    later changes arrive with higher versions and overwrite it, and row locks make every
-//!    earlier change of the row visible to the read (design invariant 10).
+//!    earlier change of the row visible to the read (design invariant 10). The read first waits
+//!    until the event's own transaction is visible (its commit record can be decoded before the
+//!    commit is visible, for as long as a synchronous standby takes to confirm it).
+//!
+//! A snapshot row (`r`, versioned `cp − 1`) never fills a later event: it is interleaved with the
+//! stream at any offset, so it may be older than a streamed change that was applied, refused or
+//! compacted before it. The event after it is re-read.
 //!
 //! A key change arrives as a delete of the old key and a create (`c`) of the new one; a `c`
 //! with unchanged columns can only be such a create. Its previous state lives under the old
@@ -59,17 +67,15 @@ pub enum EventKind {
     Delete,
 }
 
-/// Where one event's missing values come from.
+/// Where one event's missing values come from, as far as the batch tells.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FillPlan {
     /// Nothing is missing.
     Nothing,
     /// From the (already filled) event at this position of the batch.
     Batch(usize),
-    /// From the snapshot row at this position, unless the stored document is newer than it.
-    SnapshotRowUnlessStoredNewer(usize),
-    /// From the stored document when it is live, else re-read.
-    Stored,
+    /// From the stored document if it is live and of the event's own version, else re-read.
+    StoredIfSameVersion,
     /// Re-read from PostgreSQL.
     Reread,
 }
@@ -77,10 +83,39 @@ pub enum FillPlan {
 impl FillPlan {
     /// Whether the plan needs the stored document.
     pub fn reads_stored(self) -> bool {
-        matches!(
-            self,
-            FillPlan::Stored | FillPlan::SnapshotRowUnlessStoredNewer(_)
-        )
+        self == FillPlan::StoredIfSameVersion
+    }
+}
+
+/// What a fill needs to know of a stored document before trusting it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredState {
+    pub version: u64,
+    /// A soft tombstone (or, in models, a versioned delete).
+    pub deleted: bool,
+}
+
+/// Where one event's missing values are taken from, once the stored document is known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FillSource {
+    Nothing,
+    Batch(usize),
+    Stored,
+    Reread,
+}
+
+/// Decides a plan against the stored document of the event's id (rule 2 of the module doc).
+pub fn fill_source(plan: FillPlan, stored: Option<StoredState>, event_version: u64) -> FillSource {
+    match plan {
+        FillPlan::Nothing => FillSource::Nothing,
+        FillPlan::Batch(at) => FillSource::Batch(at),
+        FillPlan::Reread => FillSource::Reread,
+        FillPlan::StoredIfSameVersion => match stored {
+            Some(stored) if !stored.deleted && stored.version == event_version => {
+                FillSource::Stored
+            }
+            _ => FillSource::Reread,
+        },
     }
 }
 
@@ -147,20 +182,15 @@ fn plan_one(event: &BatchEvent<'_>, seen: Option<Latest>) -> FillPlan {
         return FillPlan::Reread;
     }
     match seen {
-        None => FillPlan::Stored,
+        None => FillPlan::StoredIfSameVersion,
         Some(Latest::Row {
             position,
             version,
-            snapshot,
-        }) if version <= event.version => {
-            if snapshot {
-                FillPlan::SnapshotRowUnlessStoredNewer(position)
-            } else {
-                FillPlan::Batch(position)
-            }
-        }
-        // A delete, or a newer state than this (stale) event: nothing in the batch is the
-        // row's previous state.
+            snapshot: false,
+        }) if version <= event.version => FillPlan::Batch(position),
+        // A snapshot row (possibly older than a change applied before it), a delete, or a
+        // newer state than this (stale) event: nothing in the batch is the row's previous
+        // state for sure.
         Some(_) => FillPlan::Reread,
     }
 }
@@ -264,7 +294,11 @@ mod tests {
         ]);
         assert_eq!(
             plans,
-            [FillPlan::Nothing, FillPlan::Batch(0), FillPlan::Stored]
+            [
+                FillPlan::Nothing,
+                FillPlan::Batch(0),
+                FillPlan::StoredIfSameVersion
+            ]
         );
     }
 
@@ -292,20 +326,44 @@ mod tests {
     }
 
     #[test]
-    fn a_snapshot_row_a_newer_change_superseded_never_fills() {
-        // In the batch: the streamed change wins over the later snapshot row.
+    fn a_snapshot_row_never_fills() {
+        // It may be older than a change applied, refused or compacted before it.
+        let plans = plan(&[
+            event("1", 49, SnapshotRow, false),
+            event("1", 110, Streamed, true),
+        ]);
+        assert_eq!(plans[1], FillPlan::Reread);
+        // A streamed change before it in the batch is newer, and still the previous state.
         let plans = plan(&[
             event("1", 100, Streamed, false),
             event("1", 49, SnapshotRow, false),
             event("1", 110, Streamed, true),
         ]);
         assert_eq!(plans[2], FillPlan::Batch(0));
-        // Alone in the batch: only if the stored document is not newer.
-        let plans = plan(&[
-            event("1", 49, SnapshotRow, false),
-            event("1", 110, Streamed, true),
-        ]);
-        assert_eq!(plans[1], FillPlan::SnapshotRowUnlessStoredNewer(0));
+    }
+
+    #[test]
+    fn the_stored_document_fills_only_at_the_events_own_version() {
+        let live = |version| {
+            Some(StoredState {
+                version,
+                deleted: false,
+            })
+        };
+        let plan = FillPlan::StoredIfSameVersion;
+        // An earlier change of the same transaction, applied in an earlier batch.
+        assert_eq!(fill_source(plan, live(300), 300), FillSource::Stored);
+        // Older: the previous event may have been dead-lettered or compacted away.
+        assert_eq!(fill_source(plan, live(200), 300), FillSource::Reread);
+        // Newer (the event is stale), deleted, or absent: re-read.
+        assert_eq!(fill_source(plan, live(400), 300), FillSource::Reread);
+        let deleted = Some(StoredState {
+            version: 300,
+            deleted: true,
+        });
+        assert_eq!(fill_source(plan, deleted, 300), FillSource::Reread);
+        assert_eq!(fill_source(plan, None, 300), FillSource::Reread);
+        assert_eq!(fill_source(FillPlan::Batch(3), None, 300), FillSource::Batch(3));
     }
 
     #[test]
@@ -333,6 +391,6 @@ mod tests {
             event("1", 10, Delete, false),
             event("2", 20, Streamed, true),
         ]);
-        assert_eq!(plans[1], FillPlan::Stored);
+        assert_eq!(plans[1], FillPlan::StoredIfSameVersion);
     }
 }

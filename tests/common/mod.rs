@@ -9,6 +9,7 @@ pub mod oracle;
 pub mod pipeline;
 pub mod process;
 pub mod rng;
+pub mod scratch;
 pub mod sink;
 pub mod source;
 

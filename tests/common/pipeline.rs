@@ -38,15 +38,22 @@ pub struct RunningPipeline {
 }
 
 impl RunningPipeline {
+    /// Starts both halves and waits until the source streams (on the stack's PostgreSQL).
     pub async fn start(config: Config) -> Self {
+        let slot = config.postgres.slot.clone();
+        let pipeline = Self::start_without_waiting(config).await;
+        super::source::wait_streaming(&slot).await;
+        pipeline
+    }
+
+    /// Starts both halves; the caller waits for the source (on another cluster, say).
+    pub async fn start_without_waiting(config: Config) -> Self {
         let (stop, stopped) = watch::channel(false);
         let sink = Sink::new(config.clone()).await.expect("create the sink");
         let stats = Arc::clone(&sink.stats);
         let sink_stop = stopped.clone();
         let sink = tokio::spawn(async move { sink.run(sink_stop).await });
-        let slot = config.postgres.slot.clone();
         let source = tokio::spawn(source::run(config, stopped));
-        super::source::wait_streaming(&slot).await;
         Self {
             stop,
             source,
@@ -117,7 +124,12 @@ pub async fn compare(config: &Config, schema: &str, table: &str, key: &[&str]) -
     let alias = alias_of(config, schema, table);
     Oracle::connect()
         .await
-        .compare_shaped(schema, table, &alias, &oracle_shape(config, schema, table, key))
+        .compare_shaped(
+            schema,
+            table,
+            &alias,
+            &oracle_shape(config, schema, table, key),
+        )
         .await
         .unwrap_or_else(|error| panic!("the oracle cannot compare {schema}.{table}: {error}"))
 }

@@ -5,6 +5,7 @@
 //! the frame START_REPLICATION answers with, so frames are split here first and only the
 //! frames it knows are handed to it.
 
+use crate::retry::Disposition;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
 use crate::postgres::lsn::Lsn;
@@ -145,15 +146,6 @@ pub struct ServerError {
     pub hint: Option<String>,
 }
 
-/// What a caller must do about a server error.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorAction {
-    /// Transient: reconnect with backoff and resume from the confirmed LSN.
-    Retry,
-    /// The configuration or the database must change: stop with the message.
-    Stop,
-}
-
 impl ServerError {
     /// Builds the error from the (type, value) fields of an ErrorResponse.
     pub fn from_fields<'a>(fields: impl IntoIterator<Item = (u8, &'a [u8])>) -> Self {
@@ -173,19 +165,10 @@ impl ServerError {
         error
     }
 
-    /// Classifies by SQLSTATE: connection problems, shutdowns, a slot held by another
-    /// process and resource shortages pass; anything about privileges, missing objects or
-    /// configuration needs an operator.
-    pub fn action(&self) -> ErrorAction {
-        let class = self.code.get(..2).unwrap_or("");
-        match (class, self.code.as_str()) {
-            // 55006: object in use (the slot is still held by a dying walsender).
-            (_, "55006" | "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01") => {
-                ErrorAction::Retry
-            }
-            ("08" | "53", _) => ErrorAction::Retry,
-            _ => ErrorAction::Stop,
-        }
+    /// What to do about it: the one PostgreSQL rule, by SQLSTATE
+    /// ([`crate::postgres::sqlstate_disposition`]).
+    pub fn disposition(&self) -> Disposition {
+        crate::postgres::sqlstate_disposition(&self.code)
     }
 }
 
@@ -317,16 +300,16 @@ mod tests {
             code: code.into(),
             ..ServerError::default()
         };
-        assert_eq!(error("55006").action(), ErrorAction::Retry, "slot in use");
+        assert_eq!(error("55006").disposition(), Disposition::Retry, "slot in use");
         assert_eq!(
-            error("57P01").action(),
-            ErrorAction::Retry,
+            error("57P01").disposition(),
+            Disposition::Retry,
             "admin shutdown"
         );
-        assert_eq!(error("08006").action(), ErrorAction::Retry);
-        assert_eq!(error("42704").action(), ErrorAction::Stop, "missing slot");
-        assert_eq!(error("42501").action(), ErrorAction::Stop, "privilege");
-        assert_eq!(error("28P01").action(), ErrorAction::Stop, "wrong password");
+        assert_eq!(error("08006").disposition(), Disposition::Retry);
+        assert_eq!(error("42704").disposition(), Disposition::Stop, "missing slot");
+        assert_eq!(error("42501").disposition(), Disposition::Stop, "privilege");
+        assert_eq!(error("28P01").disposition(), Disposition::Stop, "wrong password");
     }
 
     #[test]

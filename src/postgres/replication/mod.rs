@@ -34,7 +34,8 @@ use tokio::net::TcpStream;
 
 use crate::postgres::lsn::Lsn;
 use crate::postgres::types::SESSION_SETTINGS;
-use frames::{ErrorAction, Frame, FrameError, ReplicationMessage, ServerError, StatusUpdate};
+use crate::retry::Disposition;
+use frames::{Frame, FrameError, ReplicationMessage, ServerError, StatusUpdate};
 pub use tls::{SslMode, TlsError};
 
 /// Where and as whom to connect, parsed from a libpq-style URL or key=value string.
@@ -824,11 +825,11 @@ pub(crate) fn connection_hint(code: &str) -> &'static str {
 
 impl ReplicationError {
     /// Whether reconnecting can help, or an operator must act first.
-    pub fn action(&self) -> ErrorAction {
+    pub fn disposition(&self) -> Disposition {
         match self {
-            Self::Connect { .. } | Self::Io(_) | Self::Closed => ErrorAction::Retry,
-            Self::Server(error) => error.action(),
-            _ => ErrorAction::Stop,
+            Self::Connect { .. } | Self::Io(_) | Self::Closed => Disposition::Retry,
+            Self::Server(error) => error.disposition(),
+            _ => Disposition::Stop,
         }
     }
 }
