@@ -110,7 +110,10 @@ mod tests {
         for _ in 0..12 {
             assert_eq!(backoff.next_delay(), nominal);
             let delay = backoff.advance();
-            assert!(delay >= nominal / 2 && delay <= nominal, "{delay:?} for {nominal:?}");
+            assert!(
+                delay >= nominal / 2 && delay <= nominal,
+                "{delay:?} for {nominal:?}"
+            );
             nominal = (nominal * 2).min(MAX_BACKOFF);
         }
         assert_eq!(backoff.next_delay(), MAX_BACKOFF);

@@ -28,7 +28,6 @@ use crate::postgres::copy_registry::RegistryError;
 use crate::postgres::lsn::Lsn;
 use crate::postgres::pgoutput::{self, LogicalMessage, OldTuple, Relations};
 use crate::postgres::replication::frames::{ReplicationMessage, StatusUpdate};
-use crate::retry::{Backoff, Disposition};
 use crate::postgres::replication::{
     ConnectParams, ReplicationClient, ReplicationError, ReplicationStream, SlotSnapshot,
     StatusSender,
@@ -36,6 +35,7 @@ use crate::postgres::replication::{
 use crate::postgres::slot::{self, CapturedTable};
 use crate::postgres::snapshot;
 use crate::postgres::types::{Codec, CodecOptions};
+use crate::retry::{Backoff, Disposition};
 use crate::shell::config::{Config, SnapshotMode, SslMode};
 use crate::shell::health::HEALTH;
 use crate::shell::metrics::{CommitTimes, SourceCounters, record_source_progress};

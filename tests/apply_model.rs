@@ -63,11 +63,28 @@ struct Stored {
 /// A statement of the workload, by its random choices.
 #[derive(Debug, Clone)]
 enum Statement {
-    Insert { key: i64, small: i64, big: u8 },
-    UpdateSmall { key: i64, small: i64, big_travels: bool },
-    UpdateBig { key: i64, big: u8 },
-    ChangeKey { from: i64, to: i64, big_travels: bool },
-    Delete { key: i64 },
+    Insert {
+        key: i64,
+        small: i64,
+        big: u8,
+    },
+    UpdateSmall {
+        key: i64,
+        small: i64,
+        big_travels: bool,
+    },
+    UpdateBig {
+        key: i64,
+        big: u8,
+    },
+    ChangeKey {
+        from: i64,
+        to: i64,
+        big_travels: bool,
+    },
+    Delete {
+        key: i64,
+    },
 }
 
 /// A step of the simulation.
@@ -76,8 +93,15 @@ enum Step {
     Transaction(Vec<Statement>),
     /// The next copied row enters its partition.
     CopyRow,
-    /// The sink applies up to `size` records of a partition as one batch, and maybe commits.
-    Apply { partition: usize, size: usize, commit: bool },
+    /// The sink applies up to `size` records of a partition as one batch, and maybe commits;
+    /// with `refuse`, the server refuses one written document of the batch (the item at that
+    /// position, modulo the items), which is dead-lettered.
+    Apply {
+        partition: usize,
+        size: usize,
+        commit: bool,
+        refuse: Option<usize>,
+    },
     /// The sink crashes: every partition replays from its committed offset.
     Crash,
 }
@@ -90,6 +114,8 @@ struct Simulation {
     index: HashMap<i64, Stored>,
     /// Copied rows not yet in their partitions, in copy order.
     copy_rows: Vec<Event>,
+    /// Dead-lettered events, replayed at the end (as an operator does once the cause is fixed).
+    dead_letters: Vec<Event>,
     next_lsn: u64,
 }
 
@@ -132,6 +158,7 @@ impl Simulation {
             committed: vec![0; PARTITIONS],
             index: HashMap::new(),
             copy_rows,
+            dead_letters: Vec::new(),
             next_lsn: consistent_point,
         }
     }
@@ -212,16 +239,14 @@ impl Simulation {
                         self.table.insert(to, row);
                     }
                 }
-                Statement::Delete { key } => {
-                    if self.table.remove(&key).is_some() {
-                        events.push(Event {
-                            key,
-                            version,
-                            op: Op::Delete,
-                            small: 0,
-                            big: None,
-                        });
-                    }
+                Statement::Delete { key } if self.table.remove(&key).is_some() => {
+                    events.push(Event {
+                        key,
+                        version,
+                        op: Op::Delete,
+                        small: 0,
+                        big: None,
+                    });
                 }
                 _ => {}
             }
@@ -239,11 +264,16 @@ impl Simulation {
     }
 
     /// Applies the next `size` records of `partition` as one batch, the way the sink does.
-    fn apply(&mut self, partition: usize, size: usize) {
+    fn apply(&mut self, partition: usize, size: usize, refuse: Option<usize>) {
         let start = self.positions[partition];
         let end = (start + size).min(self.logs[partition].len());
-        let mut batch: Vec<Event> = self.logs[partition][start..end].to_vec();
+        let batch: Vec<Event> = self.logs[partition][start..end].to_vec();
         self.positions[partition] = end;
+        self.apply_batch(batch, refuse);
+    }
+
+    /// Fills, collapses and writes one batch; `refuse` as in [`Step::Apply`].
+    fn apply_batch(&mut self, mut batch: Vec<Event>, refuse: Option<usize>) {
         if batch.is_empty() {
             return;
         }
@@ -282,7 +312,8 @@ impl Simulation {
             if !events[position].needs_fill {
                 continue;
             }
-            let source = toast::fill_source(plans[position], stored[position], batch[position].version);
+            let source =
+                toast::fill_source(plans[position], stored[position], batch[position].version);
             let found = match source {
                 FillSource::Nothing | FillSource::Reread => None,
                 FillSource::Batch(at) => batch[at].big.clone(),
@@ -319,36 +350,52 @@ impl Simulation {
                 kind,
             });
         }
-        let request = BulkRequest::build(&actions);
-        for item in &request.items {
-            let action = &actions[item.position];
-            let position = match &action.kind {
-                ActionKind::Index(bytes) => {
-                    Some(usize::from_le_bytes(bytes.as_slice().try_into().unwrap()))
-                }
-                ActionKind::Delete => None,
-            };
-            let key: i64 = item.id.parse().unwrap();
-            // external_gte: applied unless the stored version (a tombstone's too) is newer.
-            if self
-                .index
-                .get(&key)
-                .is_some_and(|stored| stored.version > item.version)
-            {
-                continue;
+        let mut request = BulkRequest::build(&actions);
+        if let Some(refused) = refuse
+            .filter(|_| !request.items.is_empty())
+            .map(|at| at % request.items.len())
+        {
+            let item = &request.items[refused];
+            if matches!(actions[item.position].kind, ActionKind::Index(_)) {
+                // Only the refused document is dead-lettered; what it superseded goes again,
+                // collapsed anew, in order (sink::apply).
+                let ActionKind::Index(bytes) = &actions[item.position].kind else {
+                    unreachable!()
+                };
+                let at = usize::from_le_bytes(bytes.as_slice().try_into().unwrap());
+                self.dead_letters.push(batch[at].clone());
+                let refused_position = item.position;
+                actions.remove(refused_position);
+                request = BulkRequest::build(&actions);
             }
-            let row = position.map(|at| Row {
-                small: batch[at].small,
-                big: batch[at].big.clone().expect("a filled event"),
-            });
-            self.index.insert(
-                key,
-                Stored {
-                    version: item.version,
-                    row,
-                },
-            );
         }
+        for item in &request.items {
+            self.write(&actions[item.position], item.version, &batch);
+        }
+    }
+
+    /// One bulk item under `external_gte`: applied unless the stored version (a tombstone's
+    /// too) is newer.
+    fn write(&mut self, action: &BulkAction, version: u64, batch: &[Event]) {
+        let key: i64 = action.id.parse().unwrap();
+        if self
+            .index
+            .get(&key)
+            .is_some_and(|stored| stored.version > version)
+        {
+            return;
+        }
+        let row = match &action.kind {
+            ActionKind::Index(bytes) => {
+                let at = usize::from_le_bytes(bytes.as_slice().try_into().unwrap());
+                Some(Row {
+                    small: batch[at].small,
+                    big: batch[at].big.clone().expect("a filled event"),
+                })
+            }
+            ActionKind::Delete => None,
+        };
+        self.index.insert(key, Stored { version, row });
     }
 
     fn run(&mut self, steps: &[Step]) {
@@ -360,8 +407,9 @@ impl Simulation {
                     partition,
                     size,
                     commit,
+                    refuse,
                 } => {
-                    self.apply(*partition, *size);
+                    self.apply(*partition, *size, *refuse);
                     if *commit {
                         self.committed[*partition] = self.positions[*partition];
                     }
@@ -375,8 +423,22 @@ impl Simulation {
         }
         for partition in 0..PARTITIONS {
             while self.positions[partition] < self.logs[partition].len() {
-                self.apply(partition, 7);
+                self.apply(partition, 7, None);
             }
+        }
+        // The operator fixes the cause and replays the dead letters, in order. A dead letter
+        // is replayed as its row now (re-read whole, written at the event's version): the raw
+        // event could undo a later change of its own transaction, which has the same version.
+        for event in std::mem::take(&mut self.dead_letters) {
+            let Some(row) = self.table.get(&event.key).cloned() else {
+                continue;
+            };
+            let replay = Event {
+                small: row.small,
+                big: Some(row.big),
+                ..event
+            };
+            self.apply_batch(vec![replay], None);
         }
     }
 
@@ -391,7 +453,7 @@ impl Simulation {
 fn statement() -> impl Strategy<Value = Statement> {
     let key = 0..KEYS;
     prop_oneof![
-        (key.clone(), 0..100_i64, any::<u8>())
+        1 => (key.clone(), 0..100_i64, any::<u8>())
             .prop_map(|(key, small, big)| Statement::Insert { key, small, big }),
         3 => (key.clone(), 0..100_i64, prop::bool::weighted(0.2)).prop_map(
             |(key, small, big_travels)| Statement::UpdateSmall {
@@ -400,7 +462,7 @@ fn statement() -> impl Strategy<Value = Statement> {
                 big_travels
             }
         ),
-        (key.clone(), any::<u8>()).prop_map(|(key, big)| Statement::UpdateBig { key, big }),
+        1 => (key.clone(), any::<u8>()).prop_map(|(key, big)| Statement::UpdateBig { key, big }),
         2 => (key.clone(), key.clone(), prop::bool::weighted(0.2)).prop_map(
             |(from, to, big_travels)| Statement::ChangeKey {
                 from,
@@ -408,7 +470,7 @@ fn statement() -> impl Strategy<Value = Statement> {
                 big_travels
             }
         ),
-        key.prop_map(|key| Statement::Delete { key }),
+        1 => key.prop_map(|key| Statement::Delete { key }),
     ]
 }
 
@@ -416,13 +478,18 @@ fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         4 => prop::collection::vec(statement(), 1..5).prop_map(Step::Transaction),
         1 => Just(Step::CopyRow),
-        4 => (0..PARTITIONS, 1..8_usize, prop::bool::weighted(0.5)).prop_map(
-            |(partition, size, commit)| Step::Apply {
+        4 => (
+            0..PARTITIONS,
+            1..8_usize,
+            prop::bool::weighted(0.5),
+            prop::option::weighted(0.1, 0..8_usize)
+        )
+            .prop_map(|(partition, size, commit, refuse)| Step::Apply {
                 partition,
                 size,
-                commit
-            }
-        ),
+                commit,
+                refuse
+            }),
         1 => Just(Step::Crash),
     ]
 }
@@ -464,11 +531,13 @@ fn a_key_change_onto_a_key_deleted_in_the_same_transaction_keeps_the_moved_rows_
             partition: partition_of(1),
             size: 10,
             commit: true,
+            refuse: None,
         },
         Step::Apply {
             partition: partition_of(2),
             size: 10,
             commit: true,
+            refuse: None,
         },
         Step::Transaction(vec![
             Statement::Delete { key: 2 },

@@ -16,6 +16,7 @@ use common::pipeline::{
     RunningPipeline, alias_of, compare, pipeline_config, search_client, verify_compare, wait_equal,
 };
 use common::process::{Walsync, test_binary};
+use common::scratch::ScratchPg;
 use common::sink::{
     RunningSink, apply_first, items_alias, items_config, items_topic, produce_keyed,
     stored_document, stored_source_text,
@@ -312,6 +313,219 @@ async fn a_snapshot_row_a_streamed_change_superseded_never_fills_a_later_update(
         document["big"], "new",
         "filled from the row's state, not the stale copy"
     );
+}
+
+// Found by review after the fix: a stored document is not proof of the row's previous state
+// (an event in between may have been dead-lettered), the re-read's view of the table must follow
+// the table, and a key change must not be re-read before its own transaction is visible.
+
+#[tokio::test]
+async fn an_update_after_a_dead_lettered_one_takes_the_rows_toast_value_not_the_older_documents() {
+    let name = name("exact_dlq_fill");
+    let table = format!("public.{name}");
+    let client = sql().await;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (id int PRIMARY KEY, note jsonb, big text);
+             ALTER TABLE {table} ALTER COLUMN big SET STORAGE EXTERNAL;"
+        ))
+        .await
+        .expect("create the table");
+    let config = pipeline_config(&name, &[&table]);
+    let pipeline = RunningPipeline::start(config.clone()).await;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {table} VALUES (1, '\"a string\"', {})",
+            big("zero")
+        ))
+        .await
+        .expect("insert");
+    wait_equal(&config, "public", &name, &["id"], Duration::from_secs(60)).await;
+    // `note` is mapped as text by its first value: the server refuses an object, and this
+    // change of `big` is dead-lettered.
+    client
+        .batch_execute(&format!(
+            "UPDATE {table} SET note = '{{\"an\": \"object\"}}', big = {} WHERE id = 1",
+            big("one")
+        ))
+        .await
+        .expect("the refused update");
+    wait_for(
+        "the refused update to be dead-lettered",
+        Duration::from_secs(60),
+        || {
+            let dead = pipeline.stats.dead_lettered.load(Ordering::Relaxed);
+            async move { (dead >= 1).then_some(()) }
+        },
+    )
+    .await;
+    // Leaves `big` untouched: its value must come from the row, not from the stored document,
+    // which holds the value before the dead-lettered change.
+    client
+        .batch_execute(&format!(
+            "UPDATE {table} SET note = '\"fixed\"' WHERE id = 1"
+        ))
+        .await
+        .expect("the accepted update");
+    let alias = alias_of(&config, "public", &name);
+    let document = wait_document(&alias, "1", "the accepted update", |document| {
+        document["note"] == "fixed"
+    })
+    .await;
+    assert_eq!(
+        md5_of(&document["big"]),
+        md5_of_big(&client, &table, "id = 1").await,
+        "the document holds the row's big, not the one before the dead-lettered change"
+    );
+    wait_equal(&config, "public", &name, &["id"], Duration::from_secs(60)).await;
+    pipeline.stop().await;
+    drop_slot(&name).await;
+}
+
+#[tokio::test]
+async fn the_re_read_follows_columns_added_and_retyped_after_it_first_read_the_table() {
+    let name = name("exact_reread_ddl");
+    let table = format!("public.{name}");
+    let client = sql().await;
+    toast_table(&client, &table, "id int").await;
+    let config = pipeline_config(&name, &[&table]);
+    let pipeline = RunningPipeline::start(config.clone()).await;
+    let wait = || wait_equal(&config, "public", &name, &["id"], Duration::from_secs(60));
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {table} VALUES (1, 'a', {})",
+            big("one")
+        ))
+        .await
+        .expect("insert");
+    wait().await;
+    // A key change is re-read: the reader learns the table's columns now.
+    client
+        .batch_execute(&format!("UPDATE {table} SET id = 2 WHERE id = 1"))
+        .await
+        .expect("the first key change");
+    wait().await;
+    client
+        .batch_execute(&format!(
+            "ALTER TABLE {table} ADD COLUMN big2 text;
+             ALTER TABLE {table} ALTER COLUMN big2 SET STORAGE EXTERNAL;
+             UPDATE {table} SET big2 = {} WHERE id = 2;",
+            big("two")
+        ))
+        .await
+        .expect("add a column");
+    wait().await;
+    // Needs big and big2, which the reader's first view of the table lacks.
+    client
+        .batch_execute(&format!("UPDATE {table} SET id = 3 WHERE id = 2"))
+        .await
+        .expect("the second key change");
+    wait().await;
+    // A bytea value is base64 in the document; read as the text it was, it would be hex.
+    client
+        .batch_execute(&format!(
+            "ALTER TABLE {table} ALTER COLUMN big2 TYPE bytea USING convert_to(big2, 'UTF8');
+             ALTER TABLE {table} ALTER COLUMN big2 SET STORAGE EXTERNAL;
+             UPDATE {table} SET big2 = big2 || '\\x00'::bytea WHERE id = 3;
+             UPDATE {table} SET id = 4 WHERE id = 3;"
+        ))
+        .await
+        .expect("retype the column, then change the key");
+    wait().await;
+    let alias = alias_of(&config, "public", &name);
+    let document = stored_document(&alias, "4").await.expect("document 4");
+    assert!(
+        document.get("big2").is_some_and(Value::is_string),
+        "{document}"
+    );
+    pipeline.stop().await;
+    drop_slot(&name).await;
+}
+
+#[tokio::test]
+async fn a_key_change_is_re_read_only_once_its_own_transaction_is_visible() {
+    // Commits wait for a synchronous standby that never comes: decoded and streamed as soon as
+    // the commit record is flushed, but invisible to every reader until the wait ends.
+    // Sessions commit locally unless they ask for the standby, as the moving one does.
+    let cluster = ScratchPg::up(&[
+        "-c",
+        "wal_level=logical",
+        "-c",
+        "synchronous_standby_names=nobody",
+        "-c",
+        "synchronous_commit=local",
+    ]);
+    let connect = |url: String| async move {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .expect("connect to the scratch cluster");
+        tokio::spawn(connection);
+        client
+    };
+    let client = connect(cluster.url.clone()).await;
+    let name = name("exact_invisible");
+    let table = format!("public.{name}");
+    toast_table(&client, &table, "id int").await;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {table} VALUES (1, 'a', {}), (2, 'b', {})",
+            big("one"),
+            big("two")
+        ))
+        .await
+        .expect("insert");
+    let moved = md5_of_big(&client, &table, "id = 1").await;
+    let mut config = pipeline_config(&name, &[&table]);
+    config.postgres.url = cluster.url.clone();
+    let pipeline = RunningPipeline::start_without_waiting(config.clone()).await;
+    let alias = alias_of(&config, "public", &name);
+    wait_document(&alias, "2", "the copy of row 2", |_| true).await;
+    wait_document(&alias, "1", "the copy of row 1", |_| true).await;
+    let retries_before = pipeline.stats.retries.load(Ordering::Relaxed);
+
+    let mover = connect(cluster.url.clone()).await;
+    mover
+        .batch_execute("SET synchronous_commit = on")
+        .await
+        .expect("the mover waits for the standby");
+    let mover_pid: i32 = mover
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("the mover's pid")
+        .get(0);
+    let moving = tokio::spawn({
+        let table = table.clone();
+        async move {
+            mover
+                .batch_execute(&format!(
+                    "BEGIN; DELETE FROM {table} WHERE id = 2; UPDATE {table} SET id = 2 WHERE id = 1; COMMIT;"
+                ))
+                .await
+        }
+    });
+    // The sink meets the key change while its transaction waits, and must wait too.
+    wait_for(
+        "the re-read to wait for the transaction",
+        Duration::from_secs(60),
+        || {
+            let retries = pipeline.stats.retries.load(Ordering::Relaxed);
+            async move { (retries > retries_before).then_some(()) }
+        },
+    )
+    .await;
+    // Ends the wait: the transaction is committed locally and becomes visible.
+    client
+        .execute("SELECT pg_cancel_backend($1)", &[&mover_pid])
+        .await
+        .expect("cancel the wait for the standby");
+    let _ = moving.await;
+    let document = wait_document(&alias, "2", "document 2 after the move", |document| {
+        md5_of(&document["big"]) == moved
+    })
+    .await;
+    assert_eq!(md5_of(&document["big"]), moved);
+    assert_eq!(stored_document(&alias, "1").await, None, "row 1 moved away");
+    pipeline.stop().await;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -92,7 +92,9 @@ mod tests {
         // 42501 insufficient privilege, 42P01 undefined table, 28P01 wrong password,
         // 55000 object not in prerequisite state (wal_level), 42704 undefined object (slot),
         // 22P02 invalid text representation.
-        for code in ["42501", "42P01", "28P01", "28000", "55000", "42704", "22P02", ""] {
+        for code in [
+            "42501", "42P01", "28P01", "28000", "55000", "42704", "22P02", "",
+        ] {
             assert_eq!(sqlstate_disposition(code), Disposition::Stop, "{code}");
         }
     }

@@ -16,13 +16,27 @@
 //!   (`SESSION_SETTINGS`); values are read through each type's output function
 //!   (`format('%s', column)`, not `::text`, which differs for `bool`, `inet`, `char(n)`…) and
 //!   encoded by the source's codec, so a re-read value equals a streamed one byte for byte.
-//! - **Dispositions.** A connection failure, a restart or an overload
-//!   (the PostgreSQL rule, [`super::disposition`]) is [`RowSourceError::Transient`] (the caller waits and retries,
+//! - **Only once the event's transaction is visible.** A commit record is flushed, decoded and
+//!   streamed before the commit becomes visible to other sessions — for as long as a
+//!   synchronous standby takes to confirm it. A key change read in that window would find the
+//!   table as it was before its own transaction (the deleted row that had the key, or no row).
+//!   The statement therefore reads, in its one snapshot, whether the event's `txId` is visible
+//!   (`pg_visible_in_snapshot`, with the epoch taken from the snapshot's `xmax`) beside the row;
+//!   an invisible transaction is waited for while the commit log says it is in progress or
+//!   committed, and dead-letters the event when it was rolled back or never assigned (a record
+//!   this cluster did not write).
+//! - **The view of the table follows the table.** The table's columns and their types are
+//!   cached per connection, and each read returns every column's type as it is now
+//!   (`pg_typeof`): a requested column the cache lacks (added since) or a type that changed
+//!   makes the reader read the catalog (and the types created since) again and retry once
+//!   before it concludes that a column was dropped.
+//! - **Dispositions.** A connection failure, a restart or an overload (the PostgreSQL rule,
+//!   [`super::disposition`]) is [`RowSourceError::Transient`] (the caller waits and retries,
 //!   with a fresh connection); a table or key column that no longer exists, or a key that
-//!   cannot be read back, is [`RowSourceError::Permanent`]. One refinement of the rule belongs to
-//!   the re-read alone: its prepared statement going stale (a column dropped or retyped since,
-//!   42703/0A000/26000/42804) is retried with a fresh view of the table. A requested column that was dropped
-//!   is reported in [`RowRead::Found::dropped`] and left out.
+//!   cannot be read back, is [`RowSourceError::Permanent`]. One refinement of the rule belongs
+//!   to the re-read alone: its prepared statement going stale (a column dropped or retyped
+//!   since, 42703/0A000/26000/42804) is retried with a fresh view of the table. A requested
+//!   column that was dropped is reported in [`RowRead::Found::dropped`] and left out.
 
 use std::collections::HashMap;
 
@@ -30,15 +44,14 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use tokio::sync::Mutex;
 use tokio_postgres::Statement;
-
-use crate::retry::Disposition;
 use tokio_postgres::types::Type;
 
 use crate::event::{RawRow, raw_value};
 use crate::postgres::catalog::Catalog;
 use crate::postgres::replication::{ConnectParams, quote_identifier};
 use crate::postgres::types::{Codec, CodecOptions};
-use crate::sink::toast::{RowRead, RowSource, RowSourceError};
+use crate::retry::Disposition;
+use crate::sink::toast::{RowAddress, RowRead, RowSource, RowSourceError};
 
 /// Re-reads rows from PostgreSQL; connects on first use and again after a failure.
 pub struct PostgresRowReader {
@@ -66,10 +79,10 @@ impl PostgresRowReader {
 
     async fn read(
         &self,
-        schema: &str,
-        table: &str,
+        address: RowAddress<'_>,
         key: &RawRow,
         columns: &[String],
+        transaction: u64,
     ) -> Result<RowRead, RowSourceError> {
         let mut slot = self.connection.lock().await;
         if slot.is_none() {
@@ -78,12 +91,30 @@ impl PostgresRowReader {
         let Some(connection) = slot.as_mut() else {
             return Err(RowSourceError::Transient("not connected".into()));
         };
-        let result = connection.read(schema, table, key, columns).await;
-        if matches!(result, Err(RowSourceError::Transient(_))) {
-            // The next attempt starts from a fresh connection and a fresh view of the table.
-            *slot = None;
+        let mut attempt = connection.read(address, key, columns, transaction).await;
+        if matches!(attempt, Ok(Attempt::Stale)) {
+            // The table changed since this connection last looked (a column added, retyped,
+            // or of a type created since): look again, once.
+            connection.forget(address).await?;
+            attempt = connection.read(address, key, columns, transaction).await;
         }
-        result
+        match attempt {
+            Ok(Attempt::Read(read)) => Ok(read),
+            Ok(Attempt::Stale) => Err(RowSourceError::Transient(format!(
+                "table {}.{} changed while it was read",
+                address.schema, address.table
+            ))),
+            Ok(Attempt::NotVisibleYet) => Err(RowSourceError::Transient(format!(
+                "the event's transaction {transaction} is not visible yet (its commit waits for a synchronous standby)"
+            ))),
+            Err(error) => {
+                if matches!(error, RowSourceError::Transient(_)) {
+                    // The next attempt starts from a fresh connection and view of the table.
+                    *slot = None;
+                }
+                Err(error)
+            }
+        }
     }
 
     async fn connect(&self) -> Result<Connection, RowSourceError> {
@@ -92,49 +123,85 @@ impl PostgresRowReader {
                 "cannot connect to PostgreSQL to re-read unchanged TOAST values: {error}"
             ))
         })?;
-        let mut codec = Codec::new(self.codec_options);
-        let types = catalog.custom_types().await.map_err(postgres_error)?;
-        for (oid, kind) in types {
-            codec.register(oid, kind);
-        }
-        Ok(Connection {
+        let mut connection = Connection {
             catalog,
-            codec,
+            codec: Codec::new(self.codec_options),
             columns: HashMap::new(),
             statements: HashMap::new(),
-        })
+        };
+        connection.learn_types().await?;
+        Ok(connection)
     }
 }
 
 impl RowSource for PostgresRowReader {
     fn read_row<'a>(
         &'a self,
-        schema: &'a str,
-        table: &'a str,
+        address: RowAddress<'a>,
         key: &'a RawRow,
         columns: &'a [String],
+        transaction: u64,
     ) -> BoxFuture<'a, Result<RowRead, RowSourceError>> {
-        self.read(schema, table, key, columns).boxed()
+        self.read(address, key, columns, transaction).boxed()
     }
+}
+
+/// The outcome of one attempt at a re-read.
+enum Attempt {
+    Read(RowRead),
+    /// The connection's view of the table is out of date: a requested column it does not
+    /// know, or a column whose type is not the one it knows.
+    Stale,
+    /// The event's own transaction is not visible to the read yet.
+    NotVisibleYet,
+}
+
+/// Whether transaction `$n` (a 32-bit xid as text; 0 for none) is visible in the statement's
+/// snapshot, and its full (epoch-qualified) id as text. The epoch is the snapshot's `xmax`'s, or
+/// the one before when the xid is above `xmax`'s low 32 bits (it wrapped around since).
+fn transaction_visibility_sql(parameter: usize) -> String {
+    format!(
+        "SELECT x = 0 OR pg_visible_in_snapshot(a::text::xid8, snap), a::text \
+         FROM (SELECT snap, x, CASE WHEN c > m AND c >= 4294967296 THEN c - 4294967296 ELSE c END AS a \
+               FROM (SELECT snap, m, x, ((m >> 32) << 32) | x AS c \
+                     FROM (SELECT snap, pg_snapshot_xmax(snap)::text::bigint AS m, ${parameter}::text::bigint AS x \
+                           FROM (SELECT pg_current_snapshot() AS snap) s0) s1) s2) s3"
+    )
 }
 
 impl Connection {
     async fn read(
         &mut self,
-        schema: &str,
-        table: &str,
+        address: RowAddress<'_>,
         key: &RawRow,
         columns: &[String],
-    ) -> Result<RowRead, RowSourceError> {
-        let table_columns = self.table_columns(schema, table).await?.clone();
+        transaction: u64,
+    ) -> Result<Attempt, RowSourceError> {
+        let RowAddress { schema, table } = address;
+        let (table_columns, loaded_now) = self.table_columns(schema, table).await?;
+        let table_columns = table_columns.clone();
+        if loaded_now
+            && table_columns
+                .values()
+                .any(|(oid, _)| !self.codec.knows(*oid))
+        {
+            // A type created after this connection learned them (a new domain or enum).
+            self.learn_types().await?;
+        }
         let qualified = format!("{schema}.{table}");
         let (present, dropped): (Vec<&String>, Vec<&String>) = columns
             .iter()
             .partition(|column| table_columns.contains_key(*column));
+        if !dropped.is_empty() && !loaded_now {
+            return Ok(Attempt::Stale);
+        }
         let mut conditions = Vec::with_capacity(key.len());
-        let mut parameters: Vec<Option<String>> = Vec::with_capacity(key.len());
+        let mut parameters: Vec<Option<String>> = Vec::with_capacity(key.len() + 1);
         for (position, (column, value)) in key.iter().enumerate() {
             let Some((oid, type_name)) = table_columns.get(column) else {
+                if !loaded_now {
+                    return Ok(Attempt::Stale);
+                }
                 return Err(RowSourceError::Permanent(format!(
                     "table {qualified}: key column {column} no longer exists"
                 )));
@@ -159,20 +226,33 @@ impl Connection {
                 "table {qualified}: the record key has no columns"
             )));
         }
-        // Each column's output text, and whether it is NULL (format's %s prints NULL as '').
-        let mut select = vec!["true".to_owned()];
-        for column in &present {
+        parameters.push(Some(transaction.to_string()));
+        // Per column: its type now, whether it is NULL, and its output text (format's %s
+        // prints NULL as ''). The row is joined to the visibility of the event's transaction,
+        // both read in the statement's one snapshot.
+        let mut select = vec!["true AS found".to_owned()];
+        let mut outer = vec![
+            "v.visible".to_owned(),
+            "v.xid".to_owned(),
+            "r.found".to_owned(),
+        ];
+        for (position, column) in present.iter().enumerate() {
             let quoted = quote_identifier(column);
-            select.push(format!("{quoted} IS NULL, format('%s', {quoted})"));
+            select.push(format!(
+                "pg_typeof({quoted})::oid AS t{position}, {quoted} IS NULL AS n{position}, format('%s', {quoted}) AS v{position}"
+            ));
+            outer.push(format!("r.t{position}, r.n{position}, r.v{position}"));
         }
         let sql = format!(
-            "SELECT {} FROM {}.{} WHERE {}",
+            "SELECT {} FROM ({}) v(visible, xid) LEFT JOIN (SELECT {} FROM {}.{} WHERE {}) r ON true",
+            outer.join(", "),
+            transaction_visibility_sql(key.len() + 1),
             select.join(", "),
             quote_identifier(schema),
             quote_identifier(table),
             conditions.join(" AND ")
         );
-        let statement = self.statement(&sql, key.len()).await?;
+        let statement = self.statement(&sql, parameters.len()).await?;
         let parameters: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = parameters
             .iter()
             .map(|parameter| parameter as &(dyn tokio_postgres::types::ToSql + Sync))
@@ -180,20 +260,30 @@ impl Connection {
         let row = self
             .catalog
             .client()
-            .query_opt(&statement, &parameters)
+            .query_one(&statement, &parameters)
             .await
             .map_err(postgres_error)?;
-        let Some(row) = row else {
-            return Ok(RowRead::Gone);
-        };
+        let visible: bool = row.get(0);
+        if !visible {
+            let xid: String = row.get(1);
+            return self.invisible_transaction(&xid, transaction).await;
+        }
+        let found: Option<bool> = row.get(2);
+        if found.is_none() {
+            return Ok(Attempt::Read(RowRead::Gone));
+        }
         let mut values = RawRow::default();
         for (position, column) in present.iter().enumerate() {
-            let is_null: bool = row.get(1 + position * 2);
+            let (oid, _) = &table_columns[*column];
+            let type_now: u32 = row.get(3 + position * 3);
+            if type_now != *oid {
+                return Ok(Attempt::Stale);
+            }
+            let is_null: bool = row.get(4 + position * 3);
             let json = if is_null {
                 b"null".to_vec()
             } else {
-                let text: String = row.get(2 + position * 2);
-                let (oid, _) = &table_columns[*column];
+                let text: String = row.get(5 + position * 3);
                 let mut json = Vec::with_capacity(text.len() + 2);
                 self.codec
                     .write_json(&mut json, *oid, text.as_bytes())
@@ -211,10 +301,60 @@ impl Connection {
             })?;
             values.insert((*column).clone(), value);
         }
-        Ok(RowRead::Found {
+        Ok(Attempt::Read(RowRead::Found {
             values,
             dropped: dropped.into_iter().cloned().collect(),
-        })
+        }))
+    }
+
+    /// Why the event's transaction (full id `xid`) is not visible: still finishing its commit
+    /// (it is committed or in progress in the commit log; wait), or never a committed transaction
+    /// of this cluster (aborted, or an id not assigned yet: a record not from this cluster).
+    async fn invisible_transaction(
+        &self,
+        xid: &str,
+        transaction: u64,
+    ) -> Result<Attempt, RowSourceError> {
+        let status = self
+            .catalog
+            .client()
+            .query_one("SELECT pg_xact_status($1::text::xid8)", &[&xid])
+            .await;
+        match status {
+            Ok(row) => match row.get::<_, Option<String>>(0).as_deref() {
+                Some("aborted") => Err(RowSourceError::Permanent(format!(
+                    "the event's transaction {transaction} was rolled back in this PostgreSQL cluster"
+                ))),
+                _ => Ok(Attempt::NotVisibleYet),
+            },
+            // 22023: "transaction ID … is in the future".
+            Err(error)
+                if error.code()
+                    == Some(&tokio_postgres::error::SqlState::INVALID_PARAMETER_VALUE) =>
+            {
+                Err(RowSourceError::Permanent(format!(
+                    "the event's transaction {transaction} was never assigned by this PostgreSQL cluster"
+                )))
+            }
+            Err(error) => Err(postgres_error(error)),
+        }
+    }
+
+    /// Forgets what this connection knows of the table, and learns the types created since.
+    async fn forget(&mut self, address: RowAddress<'_>) -> Result<(), RowSourceError> {
+        self.columns
+            .remove(&(address.schema.to_owned(), address.table.to_owned()));
+        self.statements.clear();
+        self.learn_types().await
+    }
+
+    /// Registers every type of `pg_type` with the codec.
+    async fn learn_types(&mut self) -> Result<(), RowSourceError> {
+        let types = self.catalog.custom_types().await.map_err(postgres_error)?;
+        for (oid, kind) in types {
+            self.codec.register(oid, kind);
+        }
+        Ok(())
     }
 
     async fn statement(
@@ -236,14 +376,16 @@ impl Connection {
         Ok(statement)
     }
 
-    /// The table's columns now; read again after any transient failure (a new connection).
+    /// The table's columns as this connection knows them, and whether they were read just now
+    /// (they are read again after a transient failure, a new connection, or [`Self::forget`]).
     async fn table_columns(
         &mut self,
         schema: &str,
         table: &str,
-    ) -> Result<&HashMap<String, (u32, String)>, RowSourceError> {
+    ) -> Result<(&HashMap<String, (u32, String)>, bool), RowSourceError> {
         let name = (schema.to_owned(), table.to_owned());
-        if !self.columns.contains_key(&name) {
+        let loaded_now = !self.columns.contains_key(&name);
+        if loaded_now {
             let rows = self
                 .catalog
                 .client()
@@ -268,7 +410,7 @@ impl Connection {
                 .collect();
             self.columns.insert(name.clone(), columns);
         }
-        Ok(&self.columns[&name])
+        Ok((&self.columns[&name], loaded_now))
     }
 }
 

@@ -163,6 +163,11 @@ impl Codec {
         }
     }
 
+    /// Whether the codec knows how to encode `oid`: a built-in type or one registered.
+    pub fn knows(&self, oid: u32) -> bool {
+        builtin_shape(oid).is_some() || self.registered.contains_key(&oid)
+    }
+
     /// Append the JSON for one non-NULL value of type `type_oid`, given its text form, to `out`.
     /// On error `out` is left as it was.
     pub fn write_json(

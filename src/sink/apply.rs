@@ -75,8 +75,8 @@ use crate::sink::index::{self, IndexOverrides, alias_name, ensure_index};
 use crate::sink::partitions::{BatchLimits, PartitionKey, Partitions};
 use crate::sink::routing::{Routes, TableName};
 use crate::sink::toast::{
-    self, BatchEvent, EventKind, FillPlan, FillSource, RowRead, RowSource, RowSourceError,
-    StoredDocument, StoredState,
+    self, BatchEvent, EventKind, FillPlan, FillSource, RowAddress, RowRead, RowSource,
+    RowSourceError, StoredDocument, StoredState,
 };
 
 /// How long a requested stop waits for the bulks in flight.
@@ -1512,7 +1512,9 @@ impl Sink {
             return Ok(DeleteByQuery::Done { deleted });
         }
         let body = response.text().await.unwrap_or_default();
-        if status == 404 && index::answer_error_type(&body).as_deref() == Some("index_not_found_exception") {
+        if status == 404
+            && index::answer_error_type(&body).as_deref() == Some("index_not_found_exception")
+        {
             return Ok(DeleteByQuery::IndexMissing);
         }
         match index::answer_disposition(status, index::answer_error_type(&body).as_deref()) {
@@ -1568,17 +1570,14 @@ impl Sink {
                 deleted: stored.deleted,
             });
             // An earlier event holds column names; a stored document, field names.
-            let found = match toast::fill_source(
-                plans[position],
-                state,
-                item.envelope.source.commit_lsn,
-            ) {
-                FillSource::Nothing | FillSource::Reread => None,
-                FillSource::Batch(at) => {
-                    earlier[at].envelope.after.as_ref().map(|row| (row, false))
-                }
-                FillSource::Stored => stored.map(|stored| (&stored.fields, true)),
-            };
+            let found =
+                match toast::fill_source(plans[position], state, item.envelope.source.commit_lsn) {
+                    FillSource::Nothing | FillSource::Reread => None,
+                    FillSource::Batch(at) => {
+                        earlier[at].envelope.after.as_ref().map(|row| (row, false))
+                    }
+                    FillSource::Stored => stored.map(|stored| (&stored.fields, true)),
+                };
             if let (Some((row, by_field)), Some(after)) = (found, item.envelope.after.as_mut()) {
                 let shape = &item.target.shape;
                 toast::fill_from(after, &missing, row, |column| {
@@ -1666,7 +1665,15 @@ impl Sink {
         let read = loop {
             match self
                 .rows
-                .read_row(&table.schema, &table.table, &key, missing)
+                .read_row(
+                    RowAddress {
+                        schema: &table.schema,
+                        table: &table.table,
+                    },
+                    &key,
+                    missing,
+                    item.envelope.source.tx_id,
+                )
                 .await
             {
                 Ok(read) => break read,

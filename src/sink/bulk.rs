@@ -604,7 +604,9 @@ fn stop_hint(status: u16) -> &'static str {
         401 => "check elasticsearch.username/password or elasticsearch.api_key",
         403 => "grant the Elasticsearch user write privileges on walsync's indices and aliases",
         404 | 405 => "check elasticsearch.url (path prefix, proxy route)",
-        _ => "the server refused the request itself: a walsync bug or an unsupported server version",
+        _ => {
+            "the server refused the request itself: a walsync bug or an unsupported server version"
+        }
     }
 }
 

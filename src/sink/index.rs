@@ -820,8 +820,15 @@ mod tests {
         // Creating or checking an index, delete-by-query, reading stored documents and a bulk
         // request as a whole used to disagree on these; they all ask this one rule now.
         for status in [408, 429, 500, 502, 503, 504] {
-            assert_eq!(answer_disposition(status, None), Disposition::Retry, "{status}");
-            assert_eq!(refused(status, "<html>proxy</html>").disposition(), Disposition::Retry);
+            assert_eq!(
+                answer_disposition(status, None),
+                Disposition::Retry,
+                "{status}"
+            );
+            assert_eq!(
+                refused(status, "<html>proxy</html>").disposition(),
+                Disposition::Retry
+            );
         }
         let block = r#"{"error":{"type":"cluster_block_exception","reason":"index [shop_v1] blocked by: [TOO_MANY_REQUESTS/12/disk usage exceeded flood-stage watermark, index has read-only-allow-delete block]"},"status":429}"#;
         assert_eq!(refused(429, block).disposition(), Disposition::Retry);
@@ -833,10 +840,17 @@ mod tests {
         let forbidden = r#"{"error":{"type":"security_exception","reason":"action [indices:data/read/mget] is unauthorized"},"status":403}"#;
         assert_eq!(refused(403, forbidden).disposition(), Disposition::Stop);
         for status in [400, 404, 405, 406, 415] {
-            assert_eq!(refused(status, "{}").disposition(), Disposition::Stop, "{status}");
+            assert_eq!(
+                refused(status, "{}").disposition(),
+                Disposition::Stop,
+                "{status}"
+            );
         }
         assert_eq!(
-            IndexError::NotAnAlias { alias: "shop".into() }.disposition(),
+            IndexError::NotAnAlias {
+                alias: "shop".into()
+            }
+            .disposition(),
             Disposition::Stop
         );
     }

@@ -247,17 +247,26 @@ pub enum RowSourceError {
     Permanent(String),
 }
 
+/// The table a re-read addresses: the one the record's topic belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowAddress<'a> {
+    pub schema: &'a str,
+    pub table: &'a str,
+}
+
 /// Where re-reads go: PostgreSQL in production (`crate::postgres::row_reader`), a map in unit
 /// tests.
 pub trait RowSource: Send + Sync {
     /// Reads `columns` of the row of `schema.table` whose key columns have the values in `key`
-    /// (the record key: JSON values as the source wrote them).
+    /// (the record key: JSON values as the source wrote them), as of a moment at which the
+    /// event's own transaction `transaction` (its 32-bit xid; 0: none) is visible — a read
+    /// before that is [`RowSourceError::Transient`].
     fn read_row<'a>(
         &'a self,
-        schema: &'a str,
-        table: &'a str,
+        table: RowAddress<'a>,
         key: &'a RawRow,
         columns: &'a [String],
+        transaction: u64,
     ) -> futures_util::future::BoxFuture<'a, Result<RowRead, RowSourceError>>;
 }
 
@@ -363,7 +372,10 @@ mod tests {
         });
         assert_eq!(fill_source(plan, deleted, 300), FillSource::Reread);
         assert_eq!(fill_source(plan, None, 300), FillSource::Reread);
-        assert_eq!(fill_source(FillPlan::Batch(3), None, 300), FillSource::Batch(3));
+        assert_eq!(
+            fill_source(FillPlan::Batch(3), None, 300),
+            FillSource::Batch(3)
+        );
     }
 
     #[test]

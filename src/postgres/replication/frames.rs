@@ -300,16 +300,28 @@ mod tests {
             code: code.into(),
             ..ServerError::default()
         };
-        assert_eq!(error("55006").disposition(), Disposition::Retry, "slot in use");
+        assert_eq!(
+            error("55006").disposition(),
+            Disposition::Retry,
+            "slot in use"
+        );
         assert_eq!(
             error("57P01").disposition(),
             Disposition::Retry,
             "admin shutdown"
         );
         assert_eq!(error("08006").disposition(), Disposition::Retry);
-        assert_eq!(error("42704").disposition(), Disposition::Stop, "missing slot");
+        assert_eq!(
+            error("42704").disposition(),
+            Disposition::Stop,
+            "missing slot"
+        );
         assert_eq!(error("42501").disposition(), Disposition::Stop, "privilege");
-        assert_eq!(error("28P01").disposition(), Disposition::Stop, "wrong password");
+        assert_eq!(
+            error("28P01").disposition(),
+            Disposition::Stop,
+            "wrong password"
+        );
     }
 
     #[test]
