@@ -750,9 +750,12 @@ impl Reader<'_> {
     }
 
     /// A Relation under a name the configuration does not list is either a published table
-    /// walsync does not capture (ignored), or a captured table that was renamed: its OID is
-    /// the same, so its changes keep flowing to the topic it had, and the operator is told
-    /// what to change before the next restart (docs/runbook.md, "Schema changes").
+    /// walsync does not capture (ignored), or a captured table that was renamed (same OID). A
+    /// rename stops the source before any change under the new name is sent or confirmed: the
+    /// table's topic and its events' `source.table` must agree (the sink routes by topic and
+    /// refuses events naming another table), so the operator moves the table to its new name
+    /// in the configuration, and the changes since are decoded again under it
+    /// (docs/runbook.md, "Schema changes").
     fn follow_renamed_table(
         &mut self,
         relation: Arc<crate::postgres::pgoutput::Relation>,
@@ -763,19 +766,22 @@ impl Reader<'_> {
             tracing::warn!(table = %new_name, "published but not configured: its changes are ignored");
             return Ok(());
         };
+        let old_name = format!("{}.{}", previous.relation.namespace, previous.relation.name);
+        if old_name != new_name {
+            anyhow::bail!(
+                "captured table {old_name} was renamed to {new_name}; nothing after the rename was sent. \
+                 Replace {old_name} with {new_name} in postgres.tables and set tables.\"{new_name}\".index to the old alias \
+                 (or backfill into a new index), let the sink apply what topic {} still holds, then start again: \
+                 the changes since the rename are captured under the new name (docs/runbook.md, \"Schema changes\")",
+                previous.topic
+            );
+        }
         let key_names: Vec<String> = previous
             .key_columns
             .iter()
             .map(|&index| previous.relation.columns[index].name.clone())
             .collect();
-        let old_name = format!("{}.{}", previous.relation.namespace, previous.relation.name);
         let topic = Arc::clone(&previous.topic);
-        if old_name != new_name {
-            tracing::warn!(
-                old = %old_name, new = %new_name, topic = %topic,
-                "a captured table was renamed; its changes keep flowing to the same topic. Before the next restart, replace it in postgres.tables and set tables.\"{new_name}\".index to the old alias (or backfill into a new index)"
-            );
-        }
         let route = TableRoute::new(relation, topic, &key_names)?;
         self.routes.insert(route.relation.oid, route);
         Ok(())

@@ -57,6 +57,35 @@ async fn wait_document(alias: &str, id: &str, what: &str, check: impl Fn(&Value)
     .await
 }
 
+/// A sink configuration whose captured table `<prefix>_s.items` exists in PostgreSQL (for the
+/// re-reads of hand-written records), created by `setup` (SQL with `{schema}` for the schema):
+/// the configuration, the schema, the topic (created) and the alias.
+async fn items_table_for_rereads(config: Config, setup: &str) -> (Config, String, String, String) {
+    let schema = format!("{}_s", config.kafka.topic_prefix);
+    let mut config = config;
+    config.postgres.tables = vec![format!("{schema}.items")];
+    sql()
+        .await
+        .batch_execute(&format!(
+            "CREATE SCHEMA {schema}; {}",
+            setup.replace("{schema}", &schema)
+        ))
+        .await
+        .expect("create the table");
+    let topic = format!("{}.{schema}.items", config.kafka.topic_prefix);
+    walsync::kafka::topics::ensure_topics(&config.kafka, std::slice::from_ref(&topic))
+        .await
+        .expect("create the topic");
+    let alias = format!("{}{schema}.items", config.elasticsearch.index_prefix);
+    (config, schema, topic, alias)
+}
+
+/// `event` with its `source.schema` set to `schema`.
+fn in_schema(schema: &str, (key, mut value): (String, Value)) -> (String, Value) {
+    value["source"]["schema"] = json!(schema);
+    (key, value)
+}
+
 async fn md5_of_big(client: &tokio_postgres::Client, table: &str, condition: &str) -> String {
     client
         .query_one(
@@ -271,19 +300,25 @@ fn event(op: &str, id: i64, after: Value, commit_lsn: u64, unchanged: &[&str]) -
 
 #[tokio::test]
 async fn a_snapshot_row_a_streamed_change_superseded_never_fills_a_later_update() {
-    let config = sink_config(&name("exact_toast_snapshot"));
-    let topic = items_topic(&config).await;
-    let alias = items_alias(&config);
+    let (config, schema, topic, alias) = items_table_for_rereads(
+        sink_config(&name("exact_toast_snapshot")),
+        "CREATE TABLE {schema}.items (id int PRIMARY KEY, note text, big text);
+         INSERT INTO {schema}.items VALUES (1, 'b', 'new');",
+    )
+    .await;
     // A streamed change (big = "new") is applied first.
     apply_first(
         &config,
         &topic,
-        &[event(
-            "u",
-            1,
-            json!({"id": 1, "note": "a", "big": "new"}),
-            1_000,
-            &[],
+        &[in_schema(
+            &schema,
+            event(
+                "u",
+                1,
+                json!({"id": 1, "note": "a", "big": "new"}),
+                1_000,
+                &[],
+            ),
         )],
     )
     .await;
@@ -292,14 +327,20 @@ async fn a_snapshot_row_a_streamed_change_superseded_never_fills_a_later_update(
     produce_keyed(
         &topic,
         &[
-            event(
-                "r",
-                1,
-                json!({"id": 1, "note": "a", "big": "old"}),
-                499,
-                &[],
+            in_schema(
+                &schema,
+                event(
+                    "r",
+                    1,
+                    json!({"id": 1, "note": "a", "big": "old"}),
+                    499,
+                    &[],
+                ),
             ),
-            event("u", 1, json!({"id": 1, "note": "b"}), 1_100, &["big"]),
+            in_schema(
+                &schema,
+                event("u", 1, json!({"id": 1, "note": "b"}), 1_100, &["big"]),
+            ),
         ],
     )
     .await;
@@ -573,27 +614,14 @@ async fn rows_with_bytea_and_array_keys_survive_key_changes_that_leave_toast_unt
 
 #[tokio::test]
 async fn a_dropped_column_is_left_out_and_a_vanished_row_is_skipped() {
-    let config = sink_config(&name("exact_reread"));
-    let client = sql().await;
     // The topic's table: row 1 exists (without the column `gone`), row 2 does not.
-    let schema = format!("{}_s", config.kafka.topic_prefix);
-    let mut config = config;
-    config.postgres.tables = vec![format!("{schema}.items")];
-    client
-        .batch_execute(&format!(
-            "CREATE SCHEMA {schema}; CREATE TABLE {schema}.items (id int PRIMARY KEY, note text, big text);
-             INSERT INTO {schema}.items VALUES (1, 'x', 'the big value');"
-        ))
-        .await
-        .expect("create the table");
-    let topic = format!("{}.{schema}.items", config.kafka.topic_prefix);
-    walsync::kafka::topics::ensure_topics(&config.kafka, std::slice::from_ref(&topic))
-        .await
-        .expect("create the topic");
-    let with_schema = |(key, mut value): (String, Value)| {
-        value["source"]["schema"] = json!(schema);
-        (key, value)
-    };
+    let (config, schema, topic, alias) = items_table_for_rereads(
+        sink_config(&name("exact_reread")),
+        "CREATE TABLE {schema}.items (id int PRIMARY KEY, note text, big text);
+         INSERT INTO {schema}.items VALUES (1, 'x', 'the big value');",
+    )
+    .await;
+    let with_schema = |event| in_schema(&schema, event);
     produce_keyed(
         &topic,
         &[
@@ -622,7 +650,6 @@ async fn a_dropped_column_is_left_out_and_a_vanished_row_is_skipped() {
     )
     .await;
     let sink = RunningSink::start(config.clone()).await;
-    let alias = format!("{}{schema}.items", config.elasticsearch.index_prefix);
     let document = wait_document(&alias, "1", "document 1", |_| true).await;
     wait_document(&alias, "3", "document 3", |_| true).await;
     let dead = sink.stats.dead_lettered.load(Ordering::Relaxed);

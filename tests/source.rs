@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::kafka::{Consumed, read_topic, read_whole_topic};
+use common::kafka::{Consumed, read_topic, read_topic_until, read_whole_topic};
 use common::source::{RunningSource, config_for, drop_slot, name, sql};
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -300,9 +300,10 @@ async fn a_partitioned_table_publishes_through_its_root() {
 }
 
 #[tokio::test]
-async fn a_renamed_table_keeps_streaming_to_its_topic() {
+async fn a_renamed_table_stops_the_source_with_the_fix_and_streams_under_its_new_name_after() {
     let name = name("src_rename");
     let table = format!("public.{name}");
+    let renamed = format!("public.{name}_renamed");
     let client = sql().await;
     client
         .batch_execute(&format!(
@@ -315,25 +316,56 @@ async fn a_renamed_table_keeps_streaming_to_its_topic() {
         .batch_execute(&format!("INSERT INTO {table} VALUES (1, 'before')"))
         .await
         .unwrap();
+    let old_topic = format!("{name}.public.{name}");
+    read_topic(&old_topic, 1, Duration::from_secs(60)).await;
     client
         .batch_execute(&format!(
-            "ALTER TABLE {table} RENAME TO {name}_renamed; ALTER TABLE public.{name}_renamed ADD COLUMN extra int"
+            "ALTER TABLE {table} RENAME TO {name}_renamed; ALTER TABLE {renamed} ADD COLUMN extra int;
+             INSERT INTO {renamed} VALUES (2, 'after', 7);"
         ))
         .await
         .unwrap();
-    client
-        .batch_execute(&format!(
-            "INSERT INTO public.{name}_renamed VALUES (2, 'after', 7)"
-        ))
+    // Events under the new name on the old topic would contradict their topic (the sink
+    // routes by topic and would dead-letter them): the source stops and says what to change.
+    let error = source
+        .exited(Duration::from_secs(60))
         .await
-        .unwrap();
-
-    let records = read_topic(&format!("{name}.public.{name}"), 2, Duration::from_secs(60)).await;
-    assert!(source.stop().await == SourceExit::Drained);
-    let after: Vec<&Value> = records.iter().map(|r| &value(r)["after"]).collect();
+        .expect_err("the source stops on the rename");
+    let message = format!("{error:#}");
     assert!(
-        after.contains(&&json!({"id": 2, "note": "after", "extra": 7})),
-        "the change after the rename, with the new column, reached the table's topic: {after:?}"
+        message.contains(&table) && message.contains(&renamed),
+        "{message}"
     );
+    assert!(message.contains("postgres.tables"), "{message}");
+    let old_records = read_whole_topic(&old_topic, Duration::from_secs(30)).await;
+    let changes: Vec<&Value> = old_records.iter().map(|r| &value(r)["after"]).collect();
+    assert_eq!(
+        changes,
+        [&json!({"id": 1, "note": "before"})],
+        "nothing after the rename went to the old topic"
+    );
+
+    // The fix it names: the new name in postgres.tables. The change after the rename is
+    // decoded again, from the slot's confirmed position, under the new name.
+    let source = RunningSource::start(config_for(&name, &[&renamed])).await;
+    let new_topic = format!("{name}.public.{name}_renamed");
+    let mut records = Vec::new();
+    read_topic_until(&new_topic, Duration::from_secs(60), |record| {
+        let done = value(&record)["op"] == "c" && value(&record)["after"]["id"] == 2;
+        records.push(record);
+        done
+    })
+    .await;
+    let streamed: Vec<&Value> = records
+        .iter()
+        .filter(|r| value(r)["op"] == "c")
+        .map(|r| &value(r)["after"])
+        .collect();
+    assert_eq!(
+        streamed,
+        [&json!({"id": 2, "note": "after", "extra": 7})],
+        "the change after the rename reached the new name's topic, once"
+    );
+    assert_eq!(source.stop().await, SourceExit::Drained);
     drop_slot(&name).await;
 }

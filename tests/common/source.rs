@@ -58,6 +58,18 @@ impl RunningSource {
     }
 }
 
+impl RunningSource {
+    /// Waits for the source to end by itself (an error it stops on, say) within `deadline`.
+    pub async fn exited(self, deadline: Duration) -> anyhow::Result<SourceExit> {
+        let exit = tokio::time::timeout(deadline, self.task)
+            .await
+            .expect("the source ends by itself within the deadline")
+            .expect("the source task did not panic");
+        drop(self.stop);
+        exit
+    }
+}
+
 pub async fn drop_slot(slot: &str) {
     let client = sql().await;
     let _ = client
