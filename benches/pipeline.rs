@@ -30,7 +30,7 @@ use elasticsearch::http::request::JsonBody;
 use elasticsearch::{BulkParts, Elasticsearch};
 use serde_json::{Value, json};
 use tokio::sync::watch;
-use walsync::shell::config::{Config, SnapshotMode};
+use walsync::config::{Config, SnapshotMode};
 use walsync::sink::apply::Sink;
 use walsync::sink::index::{count, refresh};
 use workload::{create_table, env_or, insert_rows};
@@ -226,7 +226,7 @@ async fn read_back(client: &Elasticsearch, alias: &str, rows: u64) -> Vec<(Strin
 /// bulk API's acknowledgement) of every change, from the sink's own histogram.
 async fn latency_bench(rate: u64, seconds: u64) {
     // Installed before the pipeline starts, so the sink's handles record into it.
-    let metrics = walsync::shell::metrics::install().expect("install the metrics recorder");
+    let metrics = walsync::metrics::install().expect("install the metrics recorder");
     let name = name("bench_e2e");
     let table = format!("public.{name}");
     let changes = rate * seconds;
@@ -276,7 +276,7 @@ async fn latency_bench(rate: u64, seconds: u64) {
     let commit_to_indexed = Quantiles::between(
         &before_updates,
         &rendered,
-        walsync::shell::metrics::SINK_COMMIT_TO_INDEXED_SECONDS,
+        walsync::metrics::SINK_COMMIT_TO_INDEXED_SECONDS,
     );
     println!(
         "end to end              p50 ≤ {:.0} ms, p99 ≤ {:.0} ms, {:.2} % within 100 ms   ({} changes at {achieved:.0}/s; target p99 ≤ 100 ms at 5000/s; bucket bounds)",
@@ -292,9 +292,9 @@ async fn latency_bench(rate: u64, seconds: u64) {
     for (what, metric) in [
         (
             "  kafka delivery",
-            walsync::shell::metrics::SOURCE_KAFKA_DELIVERY_SECONDS,
+            walsync::metrics::SOURCE_KAFKA_DELIVERY_SECONDS,
         ),
-        ("  bulk request", walsync::shell::metrics::SINK_BULK_SECONDS),
+        ("  bulk request", walsync::metrics::SINK_BULK_SECONDS),
     ] {
         let quantiles = Quantiles::between(&before_updates, &rendered, metric);
         println!(

@@ -38,18 +38,19 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use serde_json::{Value, json};
 use tokio::sync::watch;
 
+use crate::config::{Config, KafkaConfig};
 use crate::event::{EventWriter, SourceInfo};
 use crate::kafka::producer::{EventProducer, client_config};
 use crate::kafka::topics;
+use crate::lsn::Lsn;
 use crate::postgres::catalog::Catalog;
 use crate::postgres::copy_registry::{CopyRegistration, RegistrationState};
-use crate::postgres::lsn::Lsn;
 use crate::postgres::replication::{ReplicationClient, quote_identifier};
 use crate::postgres::slot::{self, CapturedTable};
 use crate::postgres::snapshot;
 use crate::postgres::types::{Codec, CodecOptions};
-use crate::shell::config::{Config, KafkaConfig};
 use crate::sink::apply::Sink;
+use crate::sink::document::{COMMIT_LSN_PATH, DELETED_PATH};
 use crate::sink::index::{self, IndexOverrides, alias_name, index_mappings, index_settings};
 
 /// Kafka metadata and offset requests give up after this long (and are retried by the loops).
@@ -144,7 +145,7 @@ async fn run_backfill(
             "--delete-old only applies with --into (it deletes the index the alias pointed to before the swap)"
         );
     }
-    let params = crate::source::connect_params(&config)?;
+    let params = crate::postgres::replication::ConnectParams::from_config(&config)?;
     let catalog = Catalog::connect(&params).await.with_context(|| {
         format!(
             "cannot connect to PostgreSQL at {}:{}",
@@ -362,7 +363,7 @@ async fn copy_rows(
     topic: &str,
     options: &BackfillOptions,
 ) -> anyhow::Result<u64> {
-    let params = crate::source::connect_params(config)?;
+    let params = crate::postgres::replication::ConnectParams::from_config(config)?;
     let catalog = Catalog::connect(&params).await?;
     let mut codec = Codec::new(CodecOptions::default());
     for (oid, kind) in catalog.custom_types().await? {
@@ -874,7 +875,7 @@ async fn current_index(search: &Elasticsearch, alias: &str) -> anyhow::Result<St
 async fn create_index_like(
     search: &Elasticsearch,
     config: &Config,
-    table: &crate::shell::config::TableConfig,
+    table: &crate::config::TableConfig,
     index: &str,
     system_id: &str,
 ) -> anyhow::Result<()> {
@@ -934,8 +935,8 @@ async fn remove_older_documents(
         Err(error) => return Err(error.into()),
     }
     let body = json!({"query": {"bool": {
-        "filter": [{"range": {"walsync.commit_lsn": {"lt": version.as_u64()}}}],
-        "must_not": [{"term": {"walsync.deleted": true}}]
+        "filter": [{"range": {COMMIT_LSN_PATH: {"lt": version.as_u64()}}}],
+        "must_not": [{"term": {DELETED_PATH: true}}]
     }}});
     let path = format!("/{alias}/_delete_by_query?conflicts=proceed&refresh=true");
     let response = send(search, Method::Post, &path, Some(body)).await?;

@@ -21,7 +21,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde_json::value::RawValue;
 
-use crate::postgres::lsn::Lsn;
+pub mod rows;
+
+use crate::lsn::Lsn;
 use crate::postgres::pgoutput::{Relation, TupleValue};
 use crate::postgres::types::{Codec, CodecError};
 

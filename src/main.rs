@@ -3,11 +3,12 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use tokio::sync::watch;
+use walsync::config::Config;
+use walsync::health::Roles;
 use walsync::postgres::catalog::Catalog;
 use walsync::postgres::slot;
 use walsync::shell::cli::{Cli, Command, SlotAction};
-use walsync::shell::config::Config;
-use walsync::shell::health::{self, Roles};
+use walsync::shell::health;
 use walsync::sink::apply::Sink;
 use walsync::source::{self, SourceExit};
 
@@ -94,7 +95,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Migrate => {
-            let params = source::connect_params(&config)?;
+            let params = walsync::postgres::replication::ConnectParams::from_config(&config)?;
             let mut catalog = Catalog::connect(&params).await.with_context(|| {
                 format!(
                     "cannot connect to PostgreSQL at {}:{}",

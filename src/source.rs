@@ -18,14 +18,17 @@ use anyhow::{Context, bail};
 use futures_util::future::BoxFuture;
 use tokio::sync::{Notify, watch};
 
+use crate::config::{Config, SnapshotMode};
 use crate::event::{EventWriter, Op, RowChange, SnapshotMarker, SourceInfo, TableRoute, TxContext};
+use crate::health::HEALTH;
 use crate::kafka::copies::{CopiesInProgress, RegistryFollower};
 use crate::kafka::frontier::{FlushFrontier, TxAcks};
 use crate::kafka::producer::EventProducer;
 use crate::kafka::topics;
+use crate::lsn::Lsn;
+use crate::metrics::{CommitTimes, SourceCounters, record_source_progress};
 use crate::postgres::catalog::Catalog;
 use crate::postgres::copy_registry::RegistryError;
-use crate::postgres::lsn::Lsn;
 use crate::postgres::pgoutput::{self, LogicalMessage, OldTuple, Relations};
 use crate::postgres::replication::frames::{ReplicationMessage, StatusUpdate};
 use crate::postgres::replication::{
@@ -36,9 +39,6 @@ use crate::postgres::slot::{self, CapturedTable};
 use crate::postgres::snapshot;
 use crate::postgres::types::{Codec, CodecOptions};
 use crate::retry::{Backoff, Disposition};
-use crate::shell::config::{Config, SnapshotMode, SslMode};
-use crate::shell::health::HEALTH;
-use crate::shell::metrics::{CommitTimes, SourceCounters, record_source_progress};
 
 /// How the source ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,30 +56,9 @@ type RouteTargets = HashMap<(String, String), (Arc<str>, Vec<String>)>;
 /// How long a requested stop waits for Kafka to acknowledge what was handed to it.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The connection parameters with the configured password and TLS settings applied.
-///
-/// TLS: the URL's `sslmode` and `sslrootcert` come first; `[postgres.tls]` overrides them
-/// where it is set: `mode` when it is not the default (`prefer`), `ca_file` whenever present.
-/// So `mode = "prefer"` in the file cannot weaken a URL's `sslmode=verify-full`.
-pub fn connect_params(config: &Config) -> anyhow::Result<ConnectParams> {
-    let mut params = ConnectParams::from_url(&config.postgres.url)?;
-    if let Some(password) = &config.postgres.password {
-        params.password = Some(password.expose().to_owned());
-    }
-    let tls = &config.postgres.tls;
-    if tls.mode != SslMode::default() {
-        params.ssl_mode = tls.mode;
-    }
-    if let Some(ca_file) = &tls.ca_file {
-        params.ca_file = Some(ca_file.clone());
-    }
-    params.application_name = format!("walsync-{}", config.postgres.slot);
-    Ok(params)
-}
-
 /// Runs the source until `stop` turns true or an error that needs an operator.
 pub async fn run(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::Result<SourceExit> {
-    let params = connect_params(&config)?;
+    let params = ConnectParams::from_config(&config)?;
     let mut catalog = Catalog::connect(&params).await.with_context(|| {
         format!(
             "cannot connect to PostgreSQL at {}:{} as {}",
@@ -820,54 +799,5 @@ impl snapshot::CopyHooks for SoftTombstoneHooks {
                 )
                 .await
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::path::PathBuf;
-
-    use super::*;
-
-    fn config(url: &str) -> Config {
-        let mut config = Config::default();
-        config.postgres.url = url.into();
-        config
-    }
-
-    #[test]
-    fn the_urls_tls_settings_apply_when_the_file_leaves_the_defaults() {
-        let params = connect_params(&config(
-            "postgres://u@db/app?sslmode=verify-full&sslrootcert=/url-ca.pem",
-        ))
-        .expect("valid");
-        assert_eq!(params.ssl_mode, SslMode::VerifyFull);
-        assert_eq!(params.ca_file, Some(PathBuf::from("/url-ca.pem")));
-    }
-
-    #[test]
-    fn postgres_tls_overrides_the_url_where_it_is_set() {
-        let mut config = config("postgres://u@db/app?sslmode=require&sslrootcert=/url-ca.pem");
-        config.postgres.tls.mode = SslMode::VerifyCa;
-        config.postgres.tls.ca_file = Some("/file-ca.pem".into());
-        let params = connect_params(&config).expect("valid");
-        assert_eq!(params.ssl_mode, SslMode::VerifyCa);
-        assert_eq!(params.ca_file, Some(PathBuf::from("/file-ca.pem")));
-
-        let mut config = self::config("postgres://u@db/app?sslmode=disable");
-        config.postgres.tls.ca_file = Some("/file-ca.pem".into());
-        let params = connect_params(&config).expect("valid");
-        assert_eq!(
-            params.ssl_mode,
-            SslMode::Disable,
-            "the default mode keeps the URL's"
-        );
-    }
-
-    #[test]
-    fn without_any_tls_setting_the_mode_is_prefer() {
-        let params = connect_params(&config("postgres://u@db/app")).expect("valid");
-        assert_eq!(params.ssl_mode, SslMode::Prefer);
-        assert_eq!(params.ca_file, None);
     }
 }

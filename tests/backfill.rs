@@ -16,8 +16,8 @@ use elasticsearch::http::headers::HeaderMap;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::sync::Mutex;
-use walsync::postgres::lsn::Lsn;
-use walsync::shell::config::Config;
+use walsync::config::Config;
+use walsync::lsn::Lsn;
 
 use common::pipeline::{RunningPipeline, alias_of, compare, search_client, wait_equal};
 use common::source::{drop_slot, name, sql};

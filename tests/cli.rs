@@ -311,8 +311,7 @@ async fn slot_status_shows_a_running_source_and_drop_refuses_while_it_streams() 
         .next()
         .and_then(|pid| pid.parse().ok())
         .unwrap_or_else(|| panic!("an active pid:\n{status}"));
-    let confirmed: walsync::postgres::lsn::Lsn =
-        field("confirmed_flush_lsn:").parse().expect("an LSN");
+    let confirmed: walsync::lsn::Lsn = field("confirmed_flush_lsn:").parse().expect("an LSN");
     let (active_pid, slot_confirmed): (i32, String) = {
         let row = client
             .query_one(
@@ -324,7 +323,7 @@ async fn slot_status_shows_a_running_source_and_drop_refuses_while_it_streams() 
         (row.get(0), row.get(1))
     };
     assert_eq!(pid, active_pid);
-    let now: walsync::postgres::lsn::Lsn = slot_confirmed.parse().expect("an LSN");
+    let now: walsync::lsn::Lsn = slot_confirmed.parse().expect("an LSN");
     assert!(confirmed <= now, "{confirmed} printed, {now} now");
     assert!(field("wal_status:").starts_with("reserved"), "{status}");
     assert!(

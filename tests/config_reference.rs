@@ -16,7 +16,7 @@
 use std::collections::BTreeSet;
 
 use serde_json::Value;
-use walsync::shell::config::{Config, TableConfig};
+use walsync::config::{Config, TableConfig};
 
 /// The placeholder table name of the `[tables."schema.table"]` section.
 const TABLE_PLACEHOLDER: &str = "schema.table";

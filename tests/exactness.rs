@@ -28,7 +28,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::{Value, json};
-use walsync::shell::config::Config;
+use walsync::config::Config;
 use walsync::sink::index::refresh;
 
 const SYSTEM_ID: &str = "7000000000000000011";
@@ -1081,7 +1081,7 @@ async fn toast_fills_follow_renames_and_exclusions() {
     let mut config = pipeline_config(&name, &[&table]);
     config.tables.insert(
         table.clone(),
-        walsync::shell::config::TableConfig {
+        walsync::config::TableConfig {
             exclude_columns: vec!["secret".into()],
             rename: [("big".to_owned(), "body".to_owned())].into(),
             ..Default::default()

@@ -12,7 +12,7 @@ use common::endpoints::{free_address, get, sum};
 use common::process::{Paused, Walsync, pipeline_config, test_binary};
 use common::source::{drop_slot, name, sql};
 use common::wait_for;
-use walsync::shell::metrics;
+use walsync::metrics;
 
 const UNREADY_WITHIN: Duration = Duration::from_secs(15);
 const READY_AGAIN_WITHIN: Duration = Duration::from_secs(15);

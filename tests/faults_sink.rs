@@ -16,7 +16,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use walsync::shell::config::Config;
+use walsync::config::Config;
 
 use common::kafka::topic_size;
 use common::pipeline::{compare, wait_equal};
@@ -653,7 +653,7 @@ async fn a_stop_during_a_search_outage_exits_and_the_batch_is_applied_after_rest
         .expect("insert during the outage");
     // The scenario: the sink holds a batch the hung server cannot take — it has consumed the
     // ten new events (counted before their bulk is sent) and cannot write them.
-    let consumed = walsync::shell::metrics::SINK_EVENTS_CONSUMED;
+    let consumed = walsync::metrics::SINK_EVENTS_CONSUMED;
     wait_for(
         "the sink to hold the new events",
         Duration::from_secs(60),

@@ -225,7 +225,7 @@ async fn a_crash_during_the_snapshot_resumes_the_chunks_left_under_a_new_snapsho
             .map(|chunk| {
                 chunk
                     .consistent_point
-                    .parse::<walsync::postgres::lsn::Lsn>()
+                    .parse::<walsync::lsn::Lsn>()
                     .expect("an LSN")
                     .as_u64()
                     - 1

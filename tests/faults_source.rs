@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::kafka::{read_topic_until, topic_size};
 use common::process::{Paused, Walsync, source_config};
 use common::{stack, unique_name, wait_for};
-use walsync::postgres::lsn::Lsn;
+use walsync::lsn::Lsn;
 
 async fn sql() -> tokio_postgres::Client {
     let (client, connection) = tokio_postgres::connect(&stack().pg_url, tokio_postgres::NoTls)

@@ -10,7 +10,7 @@ use common::endpoints::{free_address, get, sum};
 use common::process::{Walsync, pipeline_config, test_binary};
 use common::source::{drop_slot, name, sql};
 use common::wait_for;
-use walsync::shell::metrics;
+use walsync::metrics;
 
 /// Waits until `GET path` answers `status`, and returns the body.
 async fn wait_status(address: &str, path: &str, status: u16, deadline: Duration) -> String {

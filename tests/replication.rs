@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::{stack, unique_name, wait_for};
-use walsync::postgres::lsn::Lsn;
+use walsync::lsn::Lsn;
 use walsync::postgres::pgoutput::{self, LogicalMessage, TupleValue};
 use walsync::postgres::replication::frames::{ReplicationMessage, StatusUpdate};
 use walsync::postgres::replication::{

@@ -11,7 +11,7 @@ use elasticsearch::http::request::JsonBody;
 use elasticsearch::params::Refresh;
 use elasticsearch::{BulkParts, Elasticsearch};
 use serde_json::{Value, json};
-use walsync::shell::config::{ElasticsearchConfig, TableConfig};
+use walsync::config::{ElasticsearchConfig, TableConfig};
 use walsync::sink::compare::{
     ComparisonOptions, ComparisonReport, ComparisonTarget, compare_table,
 };

@@ -14,7 +14,7 @@ use elasticsearch::indices::{
 use elasticsearch::params::Refresh;
 use elasticsearch::{BulkParts, Elasticsearch};
 use serde_json::{Value, json};
-use walsync::shell::config::ElasticsearchConfig;
+use walsync::config::ElasticsearchConfig;
 use walsync::sink::index::{self, EnsuredIndex, IndexError};
 
 const SYSTEM_ID: &str = "7412345678901234567";

@@ -18,7 +18,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
-use walsync::shell::config::{Config, DeleteMode};
+use walsync::config::{Config, DeleteMode};
 use walsync::sink::index::{ensure_index, refresh};
 
 const SYSTEM_ID: &str = "7000000000000000001";

@@ -11,15 +11,15 @@ use common::kafka::{Consumed, read_topic, read_topic_until, read_whole_topic, to
 use common::pipeline::{RunningPipeline, pipeline_config, wait_equal};
 use common::source::{RunningSource, config_for, drop_slot, name, sql, wait_copy_recorded};
 use common::{admin_client, wait_for};
+use walsync::config::{Config, SnapshotMode};
 use walsync::event::{EventWriter, SourceInfo};
 use walsync::kafka::producer::EventProducer;
+use walsync::lsn::Lsn;
 use walsync::postgres::catalog::Catalog;
-use walsync::postgres::lsn::Lsn;
 use walsync::postgres::replication::ReplicationClient;
 use walsync::postgres::slot::CapturedTable;
 use walsync::postgres::snapshot::{self, CopyJob, CopyTarget, NoHooks, SnapshotSettings};
 use walsync::postgres::types::{Codec, CodecOptions};
-use walsync::shell::config::{Config, SnapshotMode};
 
 /// Counts the `r` (snapshot) events on a topic, reading until `expected_total` records.
 /// The number of snapshot rows (`r`) and of all change records in the whole topic; call it once
@@ -121,7 +121,8 @@ async fn a_restart_does_not_copy_again_and_a_table_added_later_is_copied() {
 /// A copy job for `table` as the source would build it, for a test that drives the copy's
 /// steps itself.
 async fn copy_job(config: &Config, schema: &str, table: &str) -> (CopyJob, CopyTarget) {
-    let params = walsync::source::connect_params(config).expect("connection parameters");
+    let params = walsync::postgres::replication::ConnectParams::from_config(config)
+        .expect("connection parameters");
     let identity = ReplicationClient::connect(&params)
         .await
         .expect("a replication connection")

@@ -16,9 +16,9 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 use walsync::backfill::BackfillOptions;
+use walsync::config::{Config, SnapshotMode};
 use walsync::kafka::control::{CONTROL_HEADER, COPY_COMPLETED, CopyCompleted};
 use walsync::postgres::copy_registry::CopyRegistration;
-use walsync::shell::config::{Config, SnapshotMode};
 use walsync::sink::apply::Sink;
 use walsync::sink::index::refresh;
 

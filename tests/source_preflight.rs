@@ -19,8 +19,8 @@ use common::{admin_client, stack, wait_for};
 use serde_json::json;
 use tokio::sync::{RwLock, watch};
 use tokio_postgres::Client;
-use walsync::postgres::lsn::Lsn;
-use walsync::shell::config::{Config, TableConfig};
+use walsync::config::{Config, TableConfig};
+use walsync::lsn::Lsn;
 use walsync::source::{self, SourceExit};
 
 /// A source that starts creates walsync's schema in a database that has none. Tests that check
@@ -839,7 +839,8 @@ async fn walsyncs_starting_at_once_on_a_fresh_database_apply_each_migration_once
         .rsplit_once('/')
         .expect("the URL names a database");
     config.postgres.url = format!("{server}/{database}");
-    let params = source::connect_params(&config).expect("connection parameters");
+    let params = walsync::postgres::replication::ConnectParams::from_config(&config)
+        .expect("connection parameters");
 
     let runs = (0..4).map(|_| {
         let params = params.clone();

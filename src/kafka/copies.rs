@@ -41,9 +41,9 @@ use tokio::sync::{RwLock, RwLockReadGuard};
 use crate::kafka::control::CopyCompleted;
 use crate::kafka::frontier::TxAcks;
 use crate::kafka::producer::EventProducer;
+use crate::lsn::Lsn;
 use crate::postgres::catalog::Catalog;
 use crate::postgres::copy_registry::{self, Registration, RegistrationState};
-use crate::postgres::lsn::Lsn;
 
 /// How often the source looks for copies other processes registered (a backfill waits this
 /// long at most, twice).
@@ -308,7 +308,7 @@ fn now_millis() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shell::config::KafkaConfig;
+    use crate::config::KafkaConfig;
 
     fn copies() -> CopiesInProgress {
         // librdkafka connects lazily: nothing here reaches a broker.

@@ -15,7 +15,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use crate::postgres::lsn::Lsn;
+use crate::lsn::Lsn;
 
 /// Acknowledgement state of one transaction, shared with the delivery callbacks of its events.
 #[derive(Debug, Default)]

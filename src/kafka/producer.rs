@@ -21,12 +21,12 @@ use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders, Timestamp
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use tokio::sync::Notify;
 
+use crate::config::KafkaConfig;
 use crate::event::Record;
+use crate::health::HEALTH;
 use crate::kafka::control::{CONTROL_HEADER, ControlRecord};
 use crate::kafka::frontier::TxAcks;
-use crate::shell::config::KafkaConfig;
-use crate::shell::health::HEALTH;
-use crate::shell::metrics::{self, SourceCounters};
+use crate::metrics::{self, SourceCounters};
 
 /// librdkafka settings walsync sets itself and refuses from `kafka.extra`.
 const OWNED_SETTINGS: &[&str] = &[

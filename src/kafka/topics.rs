@@ -13,8 +13,8 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::RDKafkaErrorCode;
 
+use crate::config::KafkaConfig;
 use crate::kafka::producer::{ProducerError, client_config};
-use crate::shell::config::KafkaConfig;
 
 /// The topic of a table.
 pub fn topic_name(prefix: &str, schema: &str, table: &str) -> String {

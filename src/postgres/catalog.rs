@@ -11,7 +11,7 @@ use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres::{Client, NoTls, Socket};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
-use crate::postgres::lsn::Lsn;
+use crate::lsn::Lsn;
 use crate::postgres::replication::tls::{self, SslMode, TlsError};
 use crate::postgres::replication::{ConnectParams, connection_hint};
 use crate::postgres::types::{SESSION_SETTINGS, TypeKind};

@@ -22,7 +22,7 @@
 
 use tokio_postgres::Client;
 
-use crate::postgres::lsn::Lsn;
+use crate::lsn::Lsn;
 
 /// The first key of the two-key advisory locks on registration ids ("ws").
 const LOCK_CLASS: i32 = 0x7773;

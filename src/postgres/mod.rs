@@ -2,7 +2,6 @@
 //!
 //! - `replication`: the logical replication client (startup with `replication=database`,
 //!   authentication, TLS, CopyBoth streaming, standby status updates).
-//! - `lsn`: the log sequence number type.
 //! - `pgoutput`: the pure decoder of pgoutput messages; no I/O, fuzzable.
 //! - `types`: the codec from Postgres text values to JSON, shared by streaming and snapshots.
 //! - `catalog`: the metadata connection (settings, privileges, tables, slots, publications).
@@ -13,7 +12,6 @@
 
 pub mod catalog;
 pub mod copy_registry;
-pub mod lsn;
 pub mod pgoutput;
 pub mod replication;
 pub mod row_reader;

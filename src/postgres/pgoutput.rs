@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use crate::postgres::lsn::Lsn;
+use crate::lsn::Lsn;
 
 /// Seconds between the Unix epoch and the PostgreSQL epoch (2000-01-01 00:00:00 UTC).
 const PG_EPOCH_UNIX_SECONDS: i64 = 946_684_800;

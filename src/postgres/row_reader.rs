@@ -1,5 +1,5 @@
 //! Re-reading one row by its key: the last source of the sink's TOAST fill
-//! ([`crate::sink::toast`]).
+//! ([`crate::sink::toast`]), behind [`crate::event::rows::RowSource`].
 //!
 //! Owns the SQL of the re-read and its safety argument:
 //!
@@ -46,12 +46,12 @@ use tokio::sync::Mutex;
 use tokio_postgres::Statement;
 use tokio_postgres::types::Type;
 
+use crate::event::rows::{RowAddress, RowRead, RowSource, RowSourceError};
 use crate::event::{RawRow, raw_value};
 use crate::postgres::catalog::Catalog;
 use crate::postgres::replication::{ConnectParams, quote_identifier};
 use crate::postgres::types::{Codec, CodecOptions};
 use crate::retry::Disposition;
-use crate::sink::toast::{RowAddress, RowRead, RowSource, RowSourceError};
 
 /// Re-reads rows from PostgreSQL; connects on first use and again after a failure.
 pub struct PostgresRowReader {

@@ -14,9 +14,9 @@
 
 use std::collections::BTreeMap;
 
+use crate::config::{PostgresConfig, TableConfig};
 use crate::postgres::catalog::{Catalog, SlotInfo, TableInfo};
 use crate::postgres::replication::quote_identifier;
-use crate::shell::config::{PostgresConfig, TableConfig};
 
 /// One thing that must change before walsync can run, with how to change it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,13 +53,7 @@ pub struct Preflight {
     pub problems: Vec<Problem>,
 }
 
-/// Splits `schema.table`; a name without a schema means `public`.
-pub fn split_table_name(name: &str) -> (String, String) {
-    match name.split_once('.') {
-        Some((schema, table)) => (schema.to_owned(), table.to_owned()),
-        None => ("public".to_owned(), name.to_owned()),
-    }
-}
+pub use crate::config::split_table_name;
 
 /// Checks everything the source needs, changing nothing.
 pub async fn preflight(

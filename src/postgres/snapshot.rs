@@ -46,17 +46,17 @@ use futures_util::StreamExt;
 use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 
+use crate::config::SnapshotConfig;
 use crate::event::{EventWriter, Op, RowChange, SnapshotMarker, TableRoute, TxContext};
 use crate::kafka::frontier::TxAcks;
 use crate::kafka::producer::EventProducer;
+use crate::lsn::Lsn;
 use crate::postgres::catalog::Catalog;
-use crate::postgres::lsn::Lsn;
 use crate::postgres::pgoutput::{Column, Relation, ReplicaIdentity, TupleValue};
 use crate::postgres::replication::{
     ConnectParams, ReplicationClient, SlotSnapshot, quote_identifier, quote_literal,
 };
 use crate::postgres::slot::CapturedTable;
-use crate::shell::config::SnapshotConfig;
 
 use plan::Chunk;
 use progress::{CopyProgress, TableProgress};

@@ -19,14 +19,13 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{BaseProducer, Producer};
 use serde_json::Value;
 
+use crate::config::{Config, TableConfig};
 use crate::kafka::producer::client_config;
 use crate::kafka::topics::plan_topics;
 use crate::postgres::catalog::{Catalog, ConnectError, RoleInfo, SlotInfo, TableInfo};
 use crate::postgres::replication::ConnectParams;
 use crate::postgres::slot::{self, Problem, split_table_name};
-use crate::shell::config::{Config, TableConfig};
 use crate::sink::index::{alias_name, build_client, read_alias};
-use crate::source::connect_params;
 
 /// The deadline of each network step.
 const STEP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -102,7 +101,7 @@ async fn within<T, E: std::error::Error>(
 
 /// The PostgreSQL checks; returns the cluster's system identifier when it could be read.
 async fn check_postgres(config: &Config, checks: &mut Checks) -> Option<String> {
-    let params = match connect_params(config) {
+    let params = match crate::postgres::replication::ConnectParams::from_config(config) {
         Ok(params) => params,
         Err(error) => {
             checks.fail(

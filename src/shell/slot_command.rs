@@ -16,10 +16,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 
+use crate::config::Config;
 use crate::postgres::catalog::Catalog;
 use crate::postgres::replication::quote_literal;
-use crate::shell::config::Config;
-use crate::source::connect_params;
 
 /// walsync's tables that hold per-slot rows, cleared when the slot is dropped.
 const SLOT_TABLES: &[&str] = &[
@@ -29,7 +28,7 @@ const SLOT_TABLES: &[&str] = &[
 ];
 
 async fn connect(config: &Config) -> anyhow::Result<Catalog> {
-    let params = connect_params(config)?;
+    let params = crate::postgres::replication::ConnectParams::from_config(config)?;
     Catalog::connect(&params).await.with_context(|| {
         format!(
             "cannot connect to PostgreSQL at {}:{} as {}",

@@ -30,21 +30,20 @@ use elasticsearch::Elasticsearch;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 
+use crate::config::split_table_name;
+use crate::config::{Config, TableConfig};
 use crate::kafka::producer::client_config;
 use crate::kafka::topics::topic_name;
+use crate::lsn::Lsn;
 use crate::postgres::catalog::Catalog;
-use crate::postgres::lsn::Lsn;
 use crate::postgres::replication::{ConnectParams, quote_identifier};
-use crate::postgres::slot::split_table_name;
 use crate::postgres::snapshot;
 use crate::postgres::types::CodecOptions;
 use crate::shell::cli::VerifyArgs;
-use crate::shell::config::{Config, TableConfig};
 use crate::sink::compare::{
     CompareError, ComparisonOptions, ComparisonReport, ComparisonTarget, compare_table,
 };
 use crate::sink::index::{alias_name, build_client, refresh};
-use crate::source::connect_params;
 
 /// Exit code when verify found divergence.
 const DIVERGENCE: u8 = 1;
@@ -99,7 +98,7 @@ async fn verify(config: &Config, args: &VerifyArgs) -> anyhow::Result<bool> {
             bail!("--sample must be above 0 and at most 1 (a fraction of the ids), not {fraction}");
         }
     }
-    let params = connect_params(config)?;
+    let params = crate::postgres::replication::ConnectParams::from_config(config)?;
     let monitor = Catalog::connect(&params).await.with_context(|| {
         format!(
             "cannot connect to PostgreSQL at {}:{} as {}",

@@ -23,12 +23,10 @@
 //! several collapsed ones is refused, only it is dead-lettered; the actions it superseded are
 //! sent again, in order.
 //!
-//! This module enforces **the gap rule** (docs/design.md): the consumer runs with
-//! `auto.offset.reset = error`, a new group's partitions start at the earliest offset because
-//! the assignment says so (`start_uncommitted_at_the_beginning`), and an offset out of range —
-//! at assignment or while running — stops the sink with the topic, partition, expected offset
-//! and log start (`describe_gaps`). Records reach their table only through `sink::routing` (the
-//! topic decides), and unchanged TOAST values are filled by `sink::toast`'s rule.
+//! **The gap rule** (docs/design.md) is enforced by the consumer group in `kafka::consumer`;
+//! this loop stops on the gap it reports, at assignment or while running. Records reach their
+//! table only through `sink::routing` (the topic decides), and unchanged TOAST values are
+//! filled by `sink::toast`'s rule.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -42,34 +40,31 @@ use elasticsearch::http::headers::HeaderMap;
 use futures_util::StreamExt;
 use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::stream::FuturesUnordered;
-use rdkafka::consumer::{
-    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol,
-    StreamConsumer,
-};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 use serde_json::Value;
 use tokio::sync::{Mutex, watch};
 
+use crate::config::{Config, DeleteMode, TableConfig};
 use crate::event::{Envelope, EnvelopeOp};
+use crate::health::HEALTH;
+use crate::kafka::consumer::{GroupContext, describe_gaps, unassign, warn_commit_failed};
 use crate::kafka::control::{CONTROL_HEADER, CopyCompleted, RecordKind};
 use crate::kafka::producer::client_config;
 use crate::kafka::topics;
+use crate::metrics::{self, SinkTableMetrics};
 use crate::postgres::row_reader::PostgresRowReader;
 use crate::postgres::types::CodecOptions;
 use crate::retry::{Backoff, Disposition};
-use crate::shell::config::{Config, DeleteMode, TableConfig};
-use crate::shell::health::HEALTH;
-use crate::shell::metrics::{self, SinkTableMetrics};
 use crate::sink::bulk::{
     ActionKind, BulkAction, BulkFailure, BulkRequest, ItemOutcome, RetryCause, classify_response,
 };
 use crate::sink::document::{
-    DELETED_PATH, DocumentShape, PARTITION_PATH, document_body, document_id, parse_key,
-    soft_tombstone_body,
+    COMMIT_LSN_PATH, DELETED_PATH, DocumentShape, LSN_PATH, PARTITION_PATH, document_body,
+    document_id, parse_key, soft_tombstone_body,
 };
 use crate::sink::index::{self, IndexOverrides, alias_name, ensure_index};
 use crate::sink::partitions::{BatchLimits, PartitionKey, Partitions};
@@ -105,240 +100,6 @@ struct TableTarget {
     metrics: SinkTableMetrics,
     /// The PostgreSQL cluster the index was built from: every record must come from it.
     system_id: String,
-}
-
-/// Consumer context: checks every newly assigned partition for a gap (a committed offset that
-/// fell out of retention), which must stop the sink instead of silently skipping ahead, and,
-/// while the sink runs, defers revocations to its loop so that bulks in flight finish first.
-struct GroupContext {
-    gap: std::sync::Mutex<Option<String>>,
-    /// Set while the sink's loop runs: it carries out revocations itself.
-    defer_revocations: std::sync::atomic::AtomicBool,
-    /// Partitions the group took back and the loop has not given up yet.
-    revoked: std::sync::Mutex<Option<TopicPartitionList>>,
-    /// Wakes the loop when a revocation arrives.
-    revocation_arrived: tokio::sync::Notify,
-}
-
-impl GroupContext {
-    fn new() -> Self {
-        Self {
-            gap: std::sync::Mutex::new(None),
-            defer_revocations: std::sync::atomic::AtomicBool::new(false),
-            revoked: std::sync::Mutex::new(None),
-            revocation_arrived: tokio::sync::Notify::new(),
-        }
-    }
-
-    fn gap(&self) -> Option<String> {
-        self.gap.lock().ok().and_then(|gap| gap.clone())
-    }
-
-    /// Whether a revocation waits for the loop (without copying its list).
-    fn revocation_waiting(&self) -> bool {
-        self.revoked.lock().is_ok_and(|revoked| revoked.is_some())
-    }
-
-    /// The revocation waiting for the loop, if any.
-    fn pending_revocation(&self) -> Option<TopicPartitionList> {
-        self.revoked.lock().ok().and_then(|revoked| revoked.clone())
-    }
-
-    fn take_revocation(&self) -> Option<TopicPartitionList> {
-        self.revoked
-            .lock()
-            .ok()
-            .and_then(|mut revoked| revoked.take())
-    }
-}
-
-/// Sets every assigned partition's start explicitly: its committed offset, or the earliest
-/// offset for a partition the group never committed (design invariant 9: the start of a new
-/// group is a decision, not `auto.offset.reset`, which is `error` so that no offset out of range
-/// is ever skipped). The committed offsets are read again until the broker answers: assigning
-/// without them would let librdkafka fall back to the reset policy.
-fn start_uncommitted_at_the_beginning<C: ConsumerContext>(
-    consumer: &BaseConsumer<C>,
-    partitions: &mut TopicPartitionList,
-) {
-    let mut committed = None;
-    for attempt in 1..=10 {
-        match consumer.committed_offsets(partitions.clone(), Duration::from_secs(10)) {
-            Ok(offsets) => {
-                committed = Some(offsets);
-                break;
-            }
-            Err(error) => {
-                tracing::warn!(%error, attempt, "cannot read the group's committed offsets yet; retrying");
-                std::thread::sleep(Duration::from_millis(500));
-            }
-        }
-    }
-    let Some(committed) = committed else {
-        tracing::error!(
-            "cannot read the group's committed offsets; partitions without one will stop the sink with an offset error"
-        );
-        return;
-    };
-    for element in committed.elements() {
-        let start = match element.offset() {
-            Offset::Offset(offset) => Offset::Offset(offset),
-            _ => Offset::Beginning,
-        };
-        if let Err(error) =
-            partitions.set_partition_offset(element.topic(), element.partition(), start)
-        {
-            tracing::warn!(%error, topic = element.topic(), partition = element.partition(), "cannot set a partition's start");
-        }
-    }
-}
-
-/// The partitions whose next offset to read is no longer in Kafka, as a message naming topic,
-/// partition, the offset expected and the log start, with the fix. `None` when none is (the
-/// records came back meanwhile, or the broker cannot be asked).
-fn describe_gaps<C: ConsumerContext>(consumer: &impl Consumer<C>) -> Option<String> {
-    let positions = consumer.position().ok()?;
-    let committed = consumer
-        .committed_offsets(positions.clone(), Duration::from_secs(10))
-        .ok();
-    let mut gaps = Vec::new();
-    for element in positions.elements() {
-        let expected = match element.offset() {
-            Offset::Offset(offset) => Some(offset),
-            _ => committed.as_ref().and_then(|committed| {
-                match committed
-                    .find_partition(element.topic(), element.partition())?
-                    .offset()
-                {
-                    Offset::Offset(offset) => Some(offset),
-                    _ => None,
-                }
-            }),
-        };
-        let Some(expected) = expected else { continue };
-        let Ok((low, _)) = consumer.fetch_watermarks(
-            element.topic(),
-            element.partition(),
-            Duration::from_secs(10),
-        ) else {
-            continue;
-        };
-        if expected < low {
-            gaps.push(gap_message(
-                element.topic(),
-                element.partition(),
-                expected,
-                low,
-            ));
-        }
-    }
-    (!gaps.is_empty()).then(|| gaps.join("; "))
-}
-
-fn gap_message(topic: &str, partition: i32, expected: i64, low: i64) -> String {
-    format!(
-        "partition {topic}/{partition}: the next offset to apply, {expected}, is older than the oldest retained offset {low}; \
-         events in between were deleted (retention, deleteRecords) before the sink applied them, and the sink never skips. \
-         Rebuild the index (walsync backfill --into), then reset the group's offsets, or raise the topic's retention \
-         (docs/runbook.md, \"The sink stopped on a gap\")"
-    )
-}
-
-/// Gives revoked partitions up: all of them under the eager protocol, the listed ones under the
-/// cooperative one.
-fn unassign<C: ConsumerContext>(consumer: &impl Consumer<C>, revoked: &TopicPartitionList) {
-    let result = match consumer.rebalance_protocol() {
-        RebalanceProtocol::Cooperative => consumer.incremental_unassign(revoked),
-        _ => consumer.unassign(),
-    };
-    if let Err(error) = result {
-        tracing::warn!(%error, "cannot give up revoked partitions");
-    }
-}
-
-impl ClientContext for GroupContext {}
-
-impl ConsumerContext for GroupContext {
-    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
-        if let Err(error) = result {
-            warn_commit_failed(&error);
-        }
-    }
-
-    fn rebalance(
-        &self,
-        consumer: &BaseConsumer<Self>,
-        err: RDKafkaRespErr,
-        partitions: &mut TopicPartitionList,
-    ) {
-        match err {
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
-                start_uncommitted_at_the_beginning(consumer, partitions);
-                let assigned = match consumer.rebalance_protocol() {
-                    RebalanceProtocol::Cooperative => consumer.incremental_assign(partitions),
-                    _ => consumer.assign(partitions),
-                };
-                if let Err(error) = assigned {
-                    tracing::warn!(%error, "cannot take the assigned partitions");
-                }
-                self.post_rebalance(consumer, &Rebalance::Assign(partitions));
-            }
-            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS
-                if self.defer_revocations.load(Ordering::Acquire) =>
-            {
-                // librdkafka waits for the unassign call, which need not come from here.
-                if let Ok(mut revoked) = self.revoked.lock() {
-                    match revoked.as_mut() {
-                        Some(pending) => {
-                            for element in partitions.elements() {
-                                pending.add_partition(element.topic(), element.partition());
-                            }
-                        }
-                        None => *revoked = Some(partitions.clone()),
-                    }
-                }
-                self.revocation_arrived.notify_one();
-            }
-            _ => {
-                if err != RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS {
-                    tracing::error!(error = ?err, "rebalance failed; giving the partitions up");
-                }
-                unassign(consumer, partitions);
-            }
-        }
-    }
-
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let Rebalance::Assign(assigned) = rebalance else {
-            return;
-        };
-        let committed =
-            match consumer.committed_offsets((*assigned).clone(), Duration::from_secs(30)) {
-                Ok(committed) => committed,
-                Err(error) => {
-                    tracing::warn!(%error, "cannot read committed offsets to check for gaps");
-                    return;
-                }
-            };
-        for element in committed.elements() {
-            let Offset::Offset(offset) = element.offset() else {
-                continue;
-            };
-            let Ok((low, _)) = consumer.fetch_watermarks(
-                element.topic(),
-                element.partition(),
-                Duration::from_secs(30),
-            ) else {
-                continue;
-            };
-            if offset < low {
-                let message = gap_message(element.topic(), element.partition(), offset, low);
-                if let Ok(mut gap) = self.gap.lock() {
-                    gap.get_or_insert(message);
-                }
-            }
-        }
-    }
 }
 
 /// The sink.
@@ -438,7 +199,7 @@ impl Sink {
                 .context("cannot create the dead-letter producer")?
         };
         let rows: Arc<dyn RowSource> = Arc::new(PostgresRowReader::new(
-            crate::source::connect_params(&config)?,
+            crate::postgres::replication::ConnectParams::from_config(&config)?,
             CodecOptions::default(),
         ));
         Ok(Self {
@@ -1346,10 +1107,10 @@ impl Sink {
         self.raise_truncate_mark(&target.alias, mark);
         // Earlier transactions, and earlier changes of the truncating transaction itself.
         let query = serde_json::json!({"query": {"bool": {"should": [
-            {"range": {"walsync.commit_lsn": {"lt": mark.commit_lsn}}},
+            {"range": {COMMIT_LSN_PATH: {"lt": mark.commit_lsn}}},
             {"bool": {"filter": [
-                {"term": {"walsync.commit_lsn": mark.commit_lsn}},
-                {"range": {"walsync.lsn": {"lt": mark.lsn}}}
+                {"term": {COMMIT_LSN_PATH: mark.commit_lsn}},
+                {"range": {LSN_PATH: {"lt": mark.lsn}}}
             ]}}
         ], "minimum_should_match": 1}}});
         let deleted = self
@@ -1961,12 +1722,6 @@ async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
         None => std::future::pending().await,
     }
-}
-
-/// After a rebalance the partition may belong to another consumer, which re-applies from the
-/// last commit: harmless, versions make it idempotent.
-fn warn_commit_failed(error: &KafkaError) {
-    tracing::warn!(%error, "offset commit failed; the events will be applied again (idempotent)");
 }
 
 fn unix_millis() -> i64 {

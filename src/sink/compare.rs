@@ -51,9 +51,10 @@ use serde_json::json;
 use serde_json::value::RawValue;
 use tokio_postgres::{SimpleQueryMessage, SimpleQueryRow};
 
+use crate::config::TableConfig;
 use crate::event::{RawRow, raw_value};
+use crate::postgres::replication::quote_identifier;
 use crate::postgres::types::{Codec, CodecError, CodecOptions, SESSION_SETTINGS};
-use crate::shell::config::TableConfig;
 use crate::sink::document::{DocumentShape, document_id_of};
 use crate::sink::index::{IndexError, METADATA_FIELD, success_json, transport_error};
 
@@ -408,10 +409,6 @@ fn select_statement(schema: &str, table: &str, columns: &[Column]) -> String {
         quote_identifier(schema),
         quote_identifier(table)
     )
-}
-
-fn quote_identifier(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// Reads the table row by row (the simple query protocol streams; nothing is collected) and

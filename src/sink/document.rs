@@ -53,14 +53,17 @@ use sha2::{Digest, Sha256};
 
 use serde_json::value::RawValue;
 
+use crate::config::TableConfig;
 use crate::event::{Envelope, EnvelopeOp, RawRow};
-use crate::shell::config::TableConfig;
 
 /// The field of every document that holds walsync's metadata.
 pub const METADATA_FIELD: &str = "walsync";
 
 /// The path of the stored commit LSN, for queries (truncates) and mappings.
 pub const COMMIT_LSN_PATH: &str = "walsync.commit_lsn";
+
+/// The path of the stored change LSN (the order within a transaction), for truncates.
+pub const LSN_PATH: &str = "walsync.lsn";
 
 /// The path of the soft-tombstone flag, for queries that hide deleted documents.
 pub const DELETED_PATH: &str = "walsync.deleted";

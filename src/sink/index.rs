@@ -65,11 +65,11 @@ use elasticsearch::{CountParts, Elasticsearch, MgetParts};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
+use crate::config::{ElasticsearchConfig, TableConfig};
 use crate::retry::Disposition;
-use crate::shell::config::{ElasticsearchConfig, TableConfig};
-
-/// The field every document carries its change metadata in.
-pub const METADATA_FIELD: &str = "walsync";
+use crate::sink::document::DELETED_PATH;
+/// The field every document carries its change metadata in (defined by `sink::document`).
+pub use crate::sink::document::METADATA_FIELD;
 
 /// Written into `_meta.walsync.created_by`, so an operator can tell who made an index.
 const CREATED_BY: &str = concat!("walsync ", env!("CARGO_PKG_VERSION"));
@@ -266,7 +266,7 @@ pub fn versioned_index_name(alias: &str, version: u32) -> String {
 /// are configured.
 pub fn build_client(config: &ElasticsearchConfig) -> Result<Elasticsearch, IndexError> {
     let mut url = Url::parse(&config.url).map_err(|error| IndexError::InvalidUrl {
-        url: crate::shell::redact_url(&config.url),
+        url: crate::config::redact_url(&config.url),
         reason: error.to_string(),
     })?;
     // reqwest would send URL credentials as a second Authorization header.
@@ -673,7 +673,7 @@ pub async fn count_live(client: &Elasticsearch, alias: &str) -> Result<u64, Inde
 /// Matches every document except soft tombstones; searches over a `delete_mode = "soft"` index
 /// add this filter.
 pub fn not_deleted_query() -> Value {
-    json!({"bool": {"must_not": {"term": {"walsync.deleted": true}}}})
+    json!({"bool": {"must_not": {"term": {DELETED_PATH: true}}}})
 }
 
 async fn count_matching(
@@ -804,7 +804,7 @@ pub(crate) fn unexpected(action: &'static str, target: &str, reason: &str) -> In
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shell::config::Secret;
+    use crate::config::Secret;
 
     fn refused(status: u16, body: &str) -> IndexError {
         IndexError::Refused {

@@ -21,10 +21,10 @@
 
 use std::collections::HashMap;
 
+use crate::config::Config;
+use crate::config::split_table_name;
 use crate::event::Envelope;
 use crate::kafka::topics::topic_name;
-use crate::postgres::slot::split_table_name;
-use crate::shell::config::Config;
 
 /// A configured table.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

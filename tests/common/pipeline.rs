@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use elasticsearch::Elasticsearch;
 use tokio::sync::watch;
-use walsync::shell::config::{Config, TableConfig};
+use walsync::config::{Config, TableConfig};
 use walsync::sink::apply::{Sink, SinkStats};
 use walsync::sink::compare::{
     ComparisonOptions, ComparisonReport, ComparisonTarget, compare_table,
@@ -81,7 +81,7 @@ impl RunningPipeline {
 }
 
 pub fn search_client() -> Elasticsearch {
-    let config = walsync::shell::config::ElasticsearchConfig {
+    let config = walsync::config::ElasticsearchConfig {
         url: stack().es_url.clone(),
         ..Default::default()
     };

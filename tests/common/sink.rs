@@ -8,7 +8,7 @@ use std::time::Duration;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::Value;
 use tokio::sync::watch;
-use walsync::shell::config::Config;
+use walsync::config::Config;
 use walsync::sink::apply::{Sink, SinkStats};
 use walsync::sink::index::refresh;
 

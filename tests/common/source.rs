@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use tokio::sync::watch;
-use walsync::shell::config::Config;
+use walsync::config::Config;
 use walsync::source::{self, SourceExit};
 
 use super::{stack, unique_name, wait_for};

@@ -8,7 +8,7 @@
 use crate::retry::Disposition;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::postgres::lsn::Lsn;
+use crate::lsn::Lsn;
 
 /// Microseconds between the Unix epoch and the PostgreSQL epoch (2000-01-01 UTC).
 const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;

@@ -32,7 +32,8 @@ use postgres_protocol::message::frontend;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
-use crate::postgres::lsn::Lsn;
+use crate::config::Config;
+use crate::lsn::Lsn;
 use crate::postgres::types::SESSION_SETTINGS;
 use crate::retry::Disposition;
 use frames::{Frame, FrameError, ReplicationMessage, ServerError, StatusUpdate};
@@ -921,5 +922,79 @@ mod tests {
         let text = format!("{params:?}");
         assert!(!text.contains("s3cret"), "{text}");
         assert!(text.contains("Require"), "{text}");
+    }
+}
+
+impl ConnectParams {
+    /// The parameters of `config`: `postgres.url`, with the configured password and TLS
+    /// settings applied, and the application name `walsync-<slot>`.
+    ///
+    /// TLS: the URL's `sslmode` and `sslrootcert` come first; `[postgres.tls]` overrides them
+    /// where it is set: `mode` when it is not the default (`prefer`), `ca_file` whenever
+    /// present. So `mode = "prefer"` in the file cannot weaken a URL's `sslmode=verify-full`.
+    pub fn from_config(config: &Config) -> Result<Self, ReplicationError> {
+        let mut params = ConnectParams::from_url(&config.postgres.url)?;
+        if let Some(password) = &config.postgres.password {
+            params.password = Some(password.expose().to_owned());
+        }
+        let tls = &config.postgres.tls;
+        if tls.mode != SslMode::default() {
+            params.ssl_mode = tls.mode;
+        }
+        if let Some(ca_file) = &tls.ca_file {
+            params.ca_file = Some(ca_file.clone());
+        }
+        params.application_name = format!("walsync-{}", config.postgres.slot);
+        Ok(params)
+    }
+}
+
+#[cfg(test)]
+mod from_config_tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::config::Config;
+
+    fn config(url: &str) -> Config {
+        let mut config = Config::default();
+        config.postgres.url = url.into();
+        config
+    }
+
+    #[test]
+    fn the_urls_tls_settings_apply_when_the_file_leaves_the_defaults() {
+        let params = ConnectParams::from_config(&config(
+            "postgres://u@db/app?sslmode=verify-full&sslrootcert=/url-ca.pem",
+        ))
+        .expect("valid");
+        assert_eq!(params.ssl_mode, SslMode::VerifyFull);
+        assert_eq!(params.ca_file, Some(PathBuf::from("/url-ca.pem")));
+    }
+
+    #[test]
+    fn postgres_tls_overrides_the_url_where_it_is_set() {
+        let mut config = config("postgres://u@db/app?sslmode=require&sslrootcert=/url-ca.pem");
+        config.postgres.tls.mode = SslMode::VerifyCa;
+        config.postgres.tls.ca_file = Some("/file-ca.pem".into());
+        let params = ConnectParams::from_config(&config).expect("valid");
+        assert_eq!(params.ssl_mode, SslMode::VerifyCa);
+        assert_eq!(params.ca_file, Some(PathBuf::from("/file-ca.pem")));
+
+        let mut config = self::config("postgres://u@db/app?sslmode=disable");
+        config.postgres.tls.ca_file = Some("/file-ca.pem".into());
+        let params = ConnectParams::from_config(&config).expect("valid");
+        assert_eq!(
+            params.ssl_mode,
+            SslMode::Disable,
+            "the default mode keeps the URL's"
+        );
+    }
+
+    #[test]
+    fn without_any_tls_setting_the_mode_is_prefer() {
+        let params = ConnectParams::from_config(&config("postgres://u@db/app")).expect("valid");
+        assert_eq!(params.ssl_mode, SslMode::Prefer);
+        assert_eq!(params.ca_file, None);
     }
 }

@@ -26,7 +26,7 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
 };
 
-pub use crate::shell::config::SslMode;
+pub use crate::config::SslMode;
 
 /// libpq's name of a mode, as written in `sslmode=`.
 pub fn mode_name(mode: SslMode) -> &'static str {

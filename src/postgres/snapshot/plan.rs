@@ -10,7 +10,7 @@
 
 use tokio_postgres::Client;
 
-use crate::postgres::lsn::Lsn;
+use crate::lsn::Lsn;
 use crate::postgres::slot::CapturedTable;
 
 /// Blocks sampled to estimate rows per block when the statistics know nothing.

@@ -420,6 +420,34 @@ fn read_secret(file: &Option<PathBuf>, target: &mut Option<Secret>) -> Result<()
     Ok(())
 }
 
+/// Splits a configured table name, `schema.table`; a name without a schema means `public`.
+pub fn split_table_name(name: &str) -> (String, String) {
+    match name.split_once('.') {
+        Some((schema, table)) => (schema.to_owned(), table.to_owned()),
+        None => ("public".to_owned(), name.to_owned()),
+    }
+}
+
+/// `url` with the password of its user info (`scheme://user:password@host`) replaced by
+/// `***`, for messages: a URL from the configuration may carry credentials.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((user_info, host)) => {
+            let user = user_info
+                .split_once(':')
+                .map_or(user_info, |(user, _)| user);
+            let hidden = if user_info.contains(':') { ":***" } else { "" };
+            format!("{scheme}://{user}{hidden}@{host}{path}")
+        }
+        None => url.to_owned(),
+    }
+}
+
 #[cfg(test)]
 // figment's Jail dictates closures returning `Result<_, figment::Error>`.
 #[allow(clippy::result_large_err)]
@@ -599,5 +627,19 @@ mod tests {
         ));
         std::fs::create_dir_all(&dir).expect("create temp dir");
         dir
+    }
+
+    #[test]
+    fn a_url_password_is_hidden_and_the_rest_kept() {
+        assert_eq!(
+            redact_url("https://elastic:s3cr@t@es.example:9200/x?y=1"),
+            "https://elastic:***@es.example:9200/x?y=1"
+        );
+        assert_eq!(
+            redact_url("postgres://walsync@db:5432/app"),
+            "postgres://walsync@db:5432/app"
+        );
+        assert_eq!(redact_url("http://127.0.0.1:9200"), "http://127.0.0.1:9200");
+        assert_eq!(redact_url("not a url"), "not a url");
     }
 }
