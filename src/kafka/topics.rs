@@ -31,6 +31,25 @@ pub fn dead_letter_topic(prefix: &str) -> String {
     format!("{}.dlq", sanitize(prefix))
 }
 
+/// The subscription pattern (a regular expression, as librdkafka takes one) of every table
+/// topic under `prefix`: the inverse of [`topic_name`]. Table topics have at least two more
+/// segments after the prefix; the dead-letter topic, `<prefix>.dlq`, has one.
+pub fn table_topics_pattern(prefix: &str) -> String {
+    format!("^{}\\.[^.]+\\..+", regex_escape(&sanitize(prefix)))
+}
+
+fn regex_escape(text: &str) -> String {
+    text.chars()
+        .flat_map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                vec![c]
+            } else {
+                vec!['\\', c]
+            }
+        })
+        .collect()
+}
+
 /// A topic name part with every character Kafka does not allow replaced by `_`.
 pub fn sanitize(part: &str) -> String {
     part.chars()
@@ -131,6 +150,13 @@ pub enum TopicError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_table_pattern_escapes_the_prefix_and_wants_two_more_segments() {
+        // librdkafka matches it; the dead-letter topic `<prefix>.dlq` has one segment only.
+        assert_eq!(table_topics_pattern("shop.v2"), "^shop\\.v2\\.[^.]+\\..+");
+        assert_eq!(table_topics_pattern("a b"), "^a_b\\.[^.]+\\..+");
+    }
 
     fn table(schema: &str, name: &str) -> (String, String) {
         (schema.to_owned(), name.to_owned())

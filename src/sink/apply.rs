@@ -182,9 +182,7 @@ impl Sink {
             .create_with_context(GroupContext::new())
             .context("cannot create the Kafka consumer")?;
         if config.sink.topics.is_empty() {
-            let prefix = regex_escape(&topics::sanitize(&config.kafka.topic_prefix));
-            // Table topics have at least two more segments; `<prefix>.dlq` has one.
-            consumer.subscribe(&[&format!("^{prefix}\\.[^.]+\\..+")])?;
+            consumer.subscribe(&[&topics::table_topics_pattern(&config.kafka.topic_prefix)])?;
         } else {
             let topics: Vec<&str> = config.sink.topics.iter().map(String::as_str).collect();
             consumer.subscribe(&topics)?;
@@ -1730,18 +1728,6 @@ fn unix_millis() -> i64 {
         .map_or(0, |now| now.as_millis() as i64)
 }
 
-fn regex_escape(text: &str) -> String {
-    text.chars()
-        .flat_map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' {
-                vec![c]
-            } else {
-                vec!['\\', c]
-            }
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1808,10 +1794,5 @@ mod tests {
                 {"term": {"walsync.partition": 2}}
             ]}}})
         );
-    }
-
-    #[test]
-    fn the_topic_pattern_escapes_the_prefix() {
-        assert_eq!(regex_escape("shop.v2"), "shop\\.v2");
     }
 }
