@@ -43,7 +43,7 @@ use crate::event::{EventWriter, SourceInfo};
 use crate::kafka::producer::{EventProducer, client_config};
 use crate::kafka::topics;
 use crate::lsn::Lsn;
-use crate::postgres::catalog::Catalog;
+use crate::postgres::catalog::{Catalog, SlotWait};
 use crate::postgres::copy_registry::{CopyRegistration, RegistrationState};
 use crate::postgres::replication::{ReplicationClient, quote_identifier};
 use crate::postgres::slot::{self, CapturedTable};
@@ -539,8 +539,7 @@ async fn complete_registration(
     Ok(())
 }
 
-/// Waits until the pipeline's slot confirmed `position`: every change committed before it is in
-/// Kafka (the source confirms only what Kafka acknowledged).
+/// Waits until the pipeline's slot confirmed `position` (`Catalog::wait_slot_confirmed`).
 async fn wait_source_confirmed(
     catalog: &Catalog,
     slot_name: &str,
@@ -548,33 +547,34 @@ async fn wait_source_confirmed(
     deadline: Instant,
 ) -> anyhow::Result<()> {
     let mut last_print = Instant::now();
-    loop {
-        let slot = catalog.slot(slot_name).await?.with_context(|| {
-            format!("the pipeline's slot {slot_name} does not exist: is the source running with this configuration?")
-        })?;
-        let confirmed = slot.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
-        if confirmed >= position {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "the source has not confirmed WAL position {position} in time (slot {slot_name} is at {confirmed}{}): \
-                 is `walsync run` (or `walsync source`) running? The rows were produced; rerun the backfill \
-                 or raise --timeout",
-                if slot.active_pid.is_none() {
-                    ", and nobody reads it"
-                } else {
-                    ""
-                }
-            );
-        }
-        if last_print.elapsed() >= PROGRESS_INTERVAL {
-            println!(
-                "waiting for the source: slot {slot_name} confirmed {confirmed}, target {position}"
-            );
-            last_print = Instant::now();
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let outcome = catalog
+        .wait_slot_confirmed(slot_name, position, deadline, |confirmed| {
+            if last_print.elapsed() >= PROGRESS_INTERVAL {
+                println!(
+                    "waiting for the source: slot {slot_name} confirmed {confirmed}, target {position}"
+                );
+                last_print = Instant::now();
+            }
+        })
+        .await?;
+    match outcome {
+        SlotWait::Confirmed => Ok(()),
+        SlotWait::Missing => bail!(
+            "the pipeline's slot {slot_name} does not exist: is the source running with this configuration?"
+        ),
+        SlotWait::TimedOut {
+            confirmed,
+            read_by_nobody,
+        } => bail!(
+            "the source has not confirmed WAL position {position} in time (slot {slot_name} is at {confirmed}{}): \
+             is `walsync run` (or `walsync source`) running? The rows were produced; rerun the backfill \
+             or raise --timeout",
+            if read_by_nobody {
+                ", and nobody reads it"
+            } else {
+                ""
+            }
+        ),
     }
 }
 

@@ -48,6 +48,20 @@ fn index_columns_sql(flag: &str) -> String {
     )
 }
 
+/// How waiting for a slot to confirm a position ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotWait {
+    Confirmed,
+    /// The slot does not exist.
+    Missing,
+    /// The deadline passed with the slot at `confirmed`; `read_by_nobody` when no walsender
+    /// uses it.
+    TimedOut {
+        confirmed: Lsn,
+        read_by_nobody: bool,
+    },
+}
+
 /// A replication slot as `pg_replication_slots` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotInfo {
@@ -259,6 +273,36 @@ impl Catalog {
             columns: row.get(4),
             identity_index: row.get(5),
         }))
+    }
+
+    /// Waits until slot `name` has confirmed `position` — every change committed before it is in
+    /// Kafka, since the source confirms only what Kafka acknowledged — or until `deadline`.
+    /// `waiting` hears the confirmed position of every poll that fell short. The one definition
+    /// of "the source passed this point", for `backfill` and `verify`.
+    pub async fn wait_slot_confirmed(
+        &self,
+        name: &str,
+        position: Lsn,
+        deadline: std::time::Instant,
+        mut waiting: impl FnMut(Lsn),
+    ) -> Result<SlotWait, tokio_postgres::Error> {
+        loop {
+            let Some(slot) = self.slot(name).await? else {
+                return Ok(SlotWait::Missing);
+            };
+            let confirmed = slot.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
+            if confirmed >= position {
+                return Ok(SlotWait::Confirmed);
+            }
+            if std::time::Instant::now() >= deadline {
+                return Ok(SlotWait::TimedOut {
+                    confirmed,
+                    read_by_nobody: slot.active_pid.is_none(),
+                });
+            }
+            waiting(confirmed);
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
     }
 
     pub async fn slot(&self, name: &str) -> Result<Option<SlotInfo>, tokio_postgres::Error> {

@@ -35,7 +35,7 @@ use crate::config::{Config, TableConfig};
 use crate::kafka::producer::client_config;
 use crate::kafka::topics::topic_name;
 use crate::lsn::Lsn;
-use crate::postgres::catalog::Catalog;
+use crate::postgres::catalog::{Catalog, SlotWait};
 use crate::postgres::replication::{ConnectParams, quote_identifier};
 use crate::postgres::snapshot;
 use crate::postgres::types::CodecOptions;
@@ -269,39 +269,37 @@ async fn wait_for_pipeline(
         .context("the Kafka offset check panicked")?
 }
 
-/// Waits until walsync's slot has confirmed `cp`: the source confirms only what Kafka holds.
+/// Waits until walsync's slot has confirmed `cp` (`Catalog::wait_slot_confirmed`).
 async fn wait_for_source(
     monitor: &Catalog,
     slot: &str,
     consistent_point: Lsn,
     deadline: Duration,
 ) -> anyhow::Result<()> {
-    let start = Instant::now();
-    loop {
-        let info = monitor.slot(slot).await?.with_context(|| {
-            format!(
-                "walsync's slot {slot} does not exist: is walsync's source set up (postgres.slot)?"
-            )
-        })?;
-        let confirmed = info.confirmed_flush_lsn.unwrap_or(Lsn::ZERO);
-        if confirmed >= consistent_point {
-            return Ok(());
-        }
-        if start.elapsed() >= deadline {
-            bail!(
-                "the source did not pass the snapshot within {} s: slot {slot} has confirmed \
-                 {confirmed}, the snapshot is at {consistent_point} ({} bytes behind{}). Is the \
-                 source running and Kafka reachable? (walsync slot status; --wait-secs waits longer)",
-                deadline.as_secs(),
-                consistent_point.as_u64().saturating_sub(confirmed.as_u64()),
-                if info.active_pid.is_none() {
-                    "; no walsender uses the slot"
-                } else {
-                    ""
-                }
-            );
-        }
-        tokio::time::sleep(POLL_INTERVAL).await;
+    let until = Instant::now() + deadline;
+    match monitor
+        .wait_slot_confirmed(slot, consistent_point, until, |_| {})
+        .await?
+    {
+        SlotWait::Confirmed => Ok(()),
+        SlotWait::Missing => bail!(
+            "walsync's slot {slot} does not exist: is walsync's source set up (postgres.slot)?"
+        ),
+        SlotWait::TimedOut {
+            confirmed,
+            read_by_nobody,
+        } => bail!(
+            "the source did not pass the snapshot within {} s: slot {slot} has confirmed \
+             {confirmed}, the snapshot is at {consistent_point} ({} bytes behind{}). Is the \
+             source running and Kafka reachable? (walsync slot status; --wait-secs waits longer)",
+            deadline.as_secs(),
+            consistent_point.as_u64().saturating_sub(confirmed.as_u64()),
+            if read_by_nobody {
+                "; no walsender uses the slot"
+            } else {
+                ""
+            }
+        ),
     }
 }
 
