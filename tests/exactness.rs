@@ -86,6 +86,14 @@ fn in_schema(schema: &str, (key, mut value): (String, Value)) -> (String, Value)
     (key, value)
 }
 
+/// Runs `sql`, panicking with `what` when it fails.
+async fn run(client: &tokio_postgres::Client, sql: &str, what: &str) {
+    client
+        .batch_execute(sql)
+        .await
+        .unwrap_or_else(|error| panic!("{what}: {error}"));
+}
+
 async fn md5_of_big(client: &tokio_postgres::Client, table: &str, condition: &str) -> String {
     client
         .query_one(
@@ -432,46 +440,53 @@ async fn the_re_read_follows_columns_added_and_retyped_after_it_first_read_the_t
     let config = pipeline_config(&name, &[&table]);
     let pipeline = RunningPipeline::start(config.clone()).await;
     let wait = || wait_equal(&config, "public", &name, &["id"], Duration::from_secs(60));
-    client
-        .batch_execute(&format!(
-            "INSERT INTO {table} VALUES (1, 'a', {})",
-            big("one")
-        ))
-        .await
-        .expect("insert");
+    run(
+        &client,
+        &format!("INSERT INTO {table} VALUES (1, 'a', {})", big("one")),
+        "insert",
+    )
+    .await;
     wait().await;
     // A key change is re-read: the reader learns the table's columns now.
-    client
-        .batch_execute(&format!("UPDATE {table} SET id = 2 WHERE id = 1"))
-        .await
-        .expect("the first key change");
+    run(
+        &client,
+        &format!("UPDATE {table} SET id = 2 WHERE id = 1"),
+        "the first key change",
+    )
+    .await;
     wait().await;
-    client
-        .batch_execute(&format!(
+    run(
+        &client,
+        &format!(
             "ALTER TABLE {table} ADD COLUMN big2 text;
              ALTER TABLE {table} ALTER COLUMN big2 SET STORAGE EXTERNAL;
              UPDATE {table} SET big2 = {} WHERE id = 2;",
             big("two")
-        ))
-        .await
-        .expect("add a column");
+        ),
+        "add a column",
+    )
+    .await;
     wait().await;
     // Needs big and big2, which the reader's first view of the table lacks.
-    client
-        .batch_execute(&format!("UPDATE {table} SET id = 3 WHERE id = 2"))
-        .await
-        .expect("the second key change");
+    run(
+        &client,
+        &format!("UPDATE {table} SET id = 3 WHERE id = 2"),
+        "the second key change",
+    )
+    .await;
     wait().await;
     // A bytea value is base64 in the document; read as the text it was, it would be hex.
-    client
-        .batch_execute(&format!(
+    run(
+        &client,
+        &format!(
             "ALTER TABLE {table} ALTER COLUMN big2 TYPE bytea USING convert_to(big2, 'UTF8');
              ALTER TABLE {table} ALTER COLUMN big2 SET STORAGE EXTERNAL;
              UPDATE {table} SET big2 = big2 || '\\x00'::bytea WHERE id = 3;
              UPDATE {table} SET id = 4 WHERE id = 3;"
-        ))
-        .await
-        .expect("retype the column, then change the key");
+        ),
+        "retype the column, then change the key",
+    )
+    .await;
     wait().await;
     let alias = alias_of(&config, "public", &name);
     let document = stored_document(&alias, "4").await.expect("document 4");
