@@ -503,14 +503,19 @@ async fn a_key_change_is_re_read_only_once_its_own_transaction_is_visible() {
     // Commits wait for a synchronous standby that never comes: decoded and streamed as soon as
     // the commit record is flushed, but invisible to every reader until the wait ends.
     // Sessions commit locally unless they ask for the standby, as the moving one does.
-    let cluster = ScratchPg::up(&[
-        "-c",
-        "wal_level=logical",
-        "-c",
-        "synchronous_standby_names=nobody",
-        "-c",
-        "synchronous_commit=local",
-    ]);
+    // Epoch 1: the waiting transaction's full id is above 2³² and above the snapshot's xmax —
+    // the case a wrong epoch would call visible (and long committed).
+    let cluster = ScratchPg::up_at_xid_epoch(
+        1,
+        &[
+            "-c",
+            "wal_level=logical",
+            "-c",
+            "synchronous_standby_names=nobody",
+            "-c",
+            "synchronous_commit=local",
+        ],
+    );
     let connect = |url: String| async move {
         let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
             .await
@@ -539,6 +544,13 @@ async fn a_key_change_is_re_read_only_once_its_own_transaction_is_visible() {
     wait_document(&alias, "1", "the copy of row 1", |_| true).await;
     let retries_before = pipeline.stats.retries.load(Ordering::Relaxed);
 
+    // A transaction that took its id before the mover's and stays open: the snapshot's xmax is
+    // then at most that id, below the mover's — the mover's id is above xmax, not merely at it.
+    let holder = connect(cluster.url.clone()).await;
+    holder
+        .batch_execute("BEGIN; SELECT pg_current_xact_id();")
+        .await
+        .expect("the holder takes an id");
     let mover = connect(cluster.url.clone()).await;
     mover
         .batch_execute("SET synchronous_commit = on")
@@ -575,6 +587,10 @@ async fn a_key_change_is_re_read_only_once_its_own_transaction_is_visible() {
         .await
         .expect("cancel the wait for the standby");
     let _ = moving.await;
+    holder
+        .batch_execute("COMMIT")
+        .await
+        .expect("the holder ends");
     let document = wait_document(&alias, "2", "document 2 after the move", |document| {
         md5_of(&document["big"]) == moved
     })

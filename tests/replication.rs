@@ -175,3 +175,42 @@ async fn streams_a_transaction_and_confirms_it_through_status_updates() {
     .await
     .expect("clean up");
 }
+
+#[tokio::test]
+async fn a_transactions_full_id_takes_the_epoch_nearest_the_snapshot() {
+    // (snapshot, xid) → (visible, full id). 4294967296 = 2³²: epoch 1 starts there.
+    let cases: [(&str, i64, bool, u64); 9] = [
+        ("100:110:", 0, true, 0),
+        ("100:110:", 50, true, 50),
+        ("100:110:105", 105, false, 105),
+        // At or above xmax: still finishing its commit, in xmax's epoch.
+        ("100:110:", 120, false, 120),
+        ("4294967396:4294967406:", 120, false, 4294967416),
+        ("4294967396:4294967406:", 50, true, 4294967346),
+        // The counter wrapped since: below xmax, in the epoch before.
+        ("4294967290:4294967301:", 4294967290, true, 4294967290),
+        ("4294967290:4294967301:", 3, true, 4294967299),
+        // Nearest would be below zero: not this cluster's, so in the future.
+        ("100:110:", 4294967000, false, 4294967000),
+    ];
+    let client = sql_client().await;
+    for (snapshot, xid, visible, full) in cases {
+        let sql = walsync::postgres::row_reader::transaction_visibility_sql(
+            1,
+            &format!("'{snapshot}'::pg_snapshot"),
+        );
+        let row = client
+            .query_one(&sql, &[&xid.to_string()])
+            .await
+            .expect("the visibility statement runs");
+        let (answer_visible, answer_full): (bool, String) = (row.get(0), row.get(1));
+        assert_eq!(
+            (
+                answer_visible,
+                answer_full.parse::<u64>().expect("a full id")
+            ),
+            (visible, full),
+            "snapshot {snapshot}, xid {xid}"
+        );
+    }
+}

@@ -156,16 +156,24 @@ enum Attempt {
     NotVisibleYet,
 }
 
-/// Whether transaction `$n` (a 32-bit xid as text; 0 for none) is visible in the statement's
-/// snapshot, and its full (epoch-qualified) id as text. The epoch is the snapshot's `xmax`'s, or
-/// the one before when the xid is above `xmax`'s low 32 bits (it wrapped around since).
-fn transaction_visibility_sql(parameter: usize) -> String {
+/// Whether transaction `$parameter` (a 32-bit xid as text; 0 for none) is visible in
+/// `snapshot` (an SQL expression of type `pg_snapshot`; the reader passes
+/// `pg_current_snapshot()`), and its full (epoch-qualified) id as text.
+///
+/// The full id is the one nearest the snapshot's `xmax` whose low 32 bits are the xid: `xmax`
+/// plus the xid's signed 32-bit distance from `xmax`'s low bits. Live xids are within 2³¹ of
+/// each other (wraparound protection), so this names the right epoch both for an xid below
+/// `xmax` (committed, possibly in the epoch before, when the counter wrapped since) and for one
+/// at or above it (still finishing its commit, in `xmax`'s epoch). An id that would fall below
+/// zero cannot be this cluster's; it is moved into the future, which the reader reports as
+/// never assigned. Public for its tests against a real server (tests/replication.rs).
+pub fn transaction_visibility_sql(parameter: usize, snapshot: &str) -> String {
     format!(
-        "SELECT x = 0 OR pg_visible_in_snapshot(a::text::xid8, snap), a::text \
-         FROM (SELECT snap, x, CASE WHEN c > m AND c >= 4294967296 THEN c - 4294967296 ELSE c END AS a \
-               FROM (SELECT snap, m, x, ((m >> 32) << 32) | x AS c \
+        "SELECT CASE WHEN x = 0 THEN true ELSE pg_visible_in_snapshot(f::text::xid8, snap) END, f::text \
+         FROM (SELECT snap, x, CASE WHEN a < 0 THEN a + 4294967296 ELSE a END AS f \
+               FROM (SELECT snap, x, m + (x - (m & 4294967295) + 6442450944) % 4294967296 - 2147483648 AS a \
                      FROM (SELECT snap, pg_snapshot_xmax(snap)::text::bigint AS m, ${parameter}::text::bigint AS x \
-                           FROM (SELECT pg_current_snapshot() AS snap) s0) s1) s2) s3"
+                           FROM (SELECT {snapshot} AS snap) s0) s1) s2) s3"
     )
 }
 
@@ -246,7 +254,7 @@ impl Connection {
         let sql = format!(
             "SELECT {} FROM ({}) v(visible, xid) LEFT JOIN (SELECT {} FROM {}.{} WHERE {}) r ON true",
             outer.join(", "),
-            transaction_visibility_sql(key.len() + 1),
+            transaction_visibility_sql(key.len() + 1, "pg_current_snapshot()"),
             select.join(", "),
             quote_identifier(schema),
             quote_identifier(table),

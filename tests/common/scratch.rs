@@ -26,6 +26,16 @@ pub struct ScratchPg {
 impl ScratchPg {
     /// Starts a cluster with `settings` (postgres arguments such as `-c wal_level=replica`).
     pub fn up(settings: &[&str]) -> Self {
+        Self::start(&[], settings)
+    }
+
+    /// Starts a cluster whose transaction ids are in `epoch` (full ids above 2³² for epoch 1),
+    /// as after the 32-bit counter wrapped around.
+    pub fn up_at_xid_epoch(epoch: u32, settings: &[&str]) -> Self {
+        Self::start(&["--xid-epoch", &epoch.to_string()], settings)
+    }
+
+    fn start(options: &[&str], settings: &[&str]) -> Self {
         let port = free_scratch_port();
         // The guard exists before the start, so a half-made cluster is removed too.
         let mut cluster = Self {
@@ -34,6 +44,7 @@ impl ScratchPg {
         };
         let output = stack_script()
             .args(["scratch-pg", "up", &port.to_string()])
+            .args(options)
             .args(settings)
             .output()
             .expect("run scripts/stack scratch-pg up");
