@@ -217,7 +217,7 @@ pub fn describe() {
     describe_counter!(
         SINK_TOAST_REREADS,
         Unit::Count,
-        "Rows re-read from PostgreSQL to fill unchanged TOAST values that neither the batch nor the stored document could give"
+        "Rows re-read from PostgreSQL to fill unchanged TOAST values that the batch could not give"
     );
     describe_gauge!(READY, Unit::Count, "1 when /readyz answers 200, else 0");
     describe_gauge!(

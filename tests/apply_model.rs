@@ -19,11 +19,11 @@
 //! order, each event carries its transaction's commit LSN, and a key change's delete and create
 //! go to the partitions of the old and the new key.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 use proptest::prelude::*;
 use walsync::sink::bulk::{ActionKind, BulkAction, BulkRequest};
-use walsync::sink::toast::{self, BatchEvent, EventKind, FillSource, StoredState};
+use walsync::sink::toast::{self, BatchEvent, EventKind, FillPlan};
 
 const PARTITIONS: usize = 3;
 const KEYS: i64 = 5;
@@ -45,6 +45,8 @@ enum Op {
 /// One change event as the source writes it.
 #[derive(Debug, Clone)]
 struct Event {
+    /// Unique per event, in publication order.
+    id: u64,
     key: i64,
     version: u64,
     op: Op,
@@ -114,9 +116,11 @@ struct Simulation {
     index: HashMap<i64, Stored>,
     /// Copied rows not yet in their partitions, in copy order.
     copy_rows: Vec<Event>,
-    /// Dead-lettered events, replayed at the end (as an operator does once the cause is fixed).
-    dead_letters: Vec<Event>,
+    /// The ids of dead-lettered events. A dead letter waits for an operator; until then the
+    /// document of a key whose last event was dead-lettered may differ from its row.
+    dead_lettered: HashSet<u64>,
     next_lsn: u64,
+    next_event_id: u64,
 }
 
 fn partition_of(key: i64) -> usize {
@@ -144,6 +148,7 @@ impl Simulation {
         let copy_rows = table
             .iter()
             .map(|(key, row)| Event {
+                id: 0,
                 key: *key,
                 version: consistent_point - 1,
                 op: Op::SnapshotRow,
@@ -158,12 +163,15 @@ impl Simulation {
             committed: vec![0; PARTITIONS],
             index: HashMap::new(),
             copy_rows,
-            dead_letters: Vec::new(),
+            dead_lettered: HashSet::new(),
             next_lsn: consistent_point,
+            next_event_id: 0,
         }
     }
 
-    fn publish(&mut self, event: Event) {
+    fn publish(&mut self, mut event: Event) {
+        event.id = self.next_event_id;
+        self.next_event_id += 1;
         self.logs[partition_of(event.key)].push(event);
     }
 
@@ -180,6 +188,7 @@ impl Simulation {
                         big: big_text(big, version),
                     };
                     events.push(Event {
+                        id: 0,
                         key,
                         version,
                         op: Op::Create,
@@ -196,6 +205,7 @@ impl Simulation {
                     if let Some(row) = self.table.get_mut(&key) {
                         row.small = small;
                         events.push(Event {
+                            id: 0,
                             key,
                             version,
                             op: Op::Update,
@@ -208,6 +218,7 @@ impl Simulation {
                     if let Some(row) = self.table.get_mut(&key) {
                         row.big = big_text(big, version);
                         events.push(Event {
+                            id: 0,
                             key,
                             version,
                             op: Op::Update,
@@ -223,6 +234,7 @@ impl Simulation {
                 } if from != to && !self.table.contains_key(&to) => {
                     if let Some(row) = self.table.remove(&from) {
                         events.push(Event {
+                            id: 0,
                             key: from,
                             version,
                             op: Op::Delete,
@@ -230,6 +242,7 @@ impl Simulation {
                             big: None,
                         });
                         events.push(Event {
+                            id: 0,
                             key: to,
                             version,
                             op: Op::Create,
@@ -241,6 +254,7 @@ impl Simulation {
                 }
                 Statement::Delete { key } if self.table.remove(&key).is_some() => {
                     events.push(Event {
+                        id: 0,
                         key,
                         version,
                         op: Op::Delete,
@@ -297,31 +311,14 @@ impl Simulation {
             })
             .collect();
         let plans = toast::plan(&events);
-        // The stored documents, as read once before the batch is filled.
-        let stored: Vec<Option<StoredState>> = batch
-            .iter()
-            .map(|event| {
-                self.index.get(&event.key).map(|stored| StoredState {
-                    version: stored.version,
-                    deleted: stored.row.is_none(),
-                })
-            })
-            .collect();
         let mut skipped = vec![false; batch.len()];
         for position in 0..batch.len() {
             if !events[position].needs_fill {
                 continue;
             }
-            let source =
-                toast::fill_source(plans[position], stored[position], batch[position].version);
-            let found = match source {
-                FillSource::Nothing | FillSource::Reread => None,
-                FillSource::Batch(at) => batch[at].big.clone(),
-                FillSource::Stored => self
-                    .index
-                    .get(&batch[position].key)
-                    .and_then(|stored| stored.row.as_ref())
-                    .map(|row| row.big.clone()),
+            let found = match plans[position] {
+                FillPlan::Nothing | FillPlan::Reread => None,
+                FillPlan::Batch(at) => batch[at].big.clone(),
             };
             let filled = found.or_else(|| {
                 // The re-read: the row as the table holds it now; a row that is gone is skipped.
@@ -363,7 +360,7 @@ impl Simulation {
                     unreachable!()
                 };
                 let at = usize::from_le_bytes(bytes.as_slice().try_into().unwrap());
-                self.dead_letters.push(batch[at].clone());
+                self.dead_lettered.insert(batch[at].id);
                 let refused_position = item.position;
                 actions.remove(refused_position);
                 request = BulkRequest::build(&actions);
@@ -426,20 +423,41 @@ impl Simulation {
                 self.apply(partition, 7, None);
             }
         }
-        // The operator fixes the cause and replays the dead letters, in order. A dead letter
-        // is replayed as its row now (re-read whole, written at the event's version): the raw
-        // event could undo a later change of its own transaction, which has the same version.
-        for event in std::mem::take(&mut self.dead_letters) {
-            let Some(row) = self.table.get(&event.key).cloned() else {
-                continue;
-            };
-            let replay = Event {
-                small: row.small,
-                big: Some(row.big),
-                ..event
-            };
-            self.apply_batch(vec![replay], None);
+    }
+
+    /// The keys whose last event (the newest version; of equals, the later) was dead-lettered:
+    /// their documents wait for an operator's replay, so they are left out of the comparison.
+    fn keys_awaiting_an_operator(&self) -> HashSet<i64> {
+        let mut last: HashMap<i64, &Event> = HashMap::new();
+        for event in self.logs.iter().flatten() {
+            if last
+                .get(&event.key)
+                .is_none_or(|seen| event.version >= seen.version)
+            {
+                last.insert(event.key, event);
+            }
         }
+        last.into_values()
+            .filter(|event| self.dead_lettered.contains(&event.id))
+            .map(|event| event.key)
+            .collect()
+    }
+
+    /// The documents and the rows, both without the keys awaiting an operator.
+    fn documents_and_rows(&self) -> (BTreeMap<i64, Row>, BTreeMap<i64, Row>) {
+        let awaiting = self.keys_awaiting_an_operator();
+        let documents = self
+            .documents()
+            .into_iter()
+            .filter(|(key, _)| !awaiting.contains(key))
+            .collect();
+        let rows = self
+            .table
+            .iter()
+            .filter(|(key, _)| !awaiting.contains(key))
+            .map(|(key, row)| (*key, row.clone()))
+            .collect();
+        (documents, rows)
     }
 
     fn documents(&self) -> BTreeMap<i64, Row> {
@@ -514,7 +532,8 @@ proptest! {
     ) {
         let mut simulation = Simulation::new(&initial);
         simulation.run(&steps);
-        prop_assert_eq!(simulation.documents(), simulation.table.clone());
+        let (documents, rows) = simulation.documents_and_rows();
+        prop_assert_eq!(documents, rows);
     }
 }
 

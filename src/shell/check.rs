@@ -514,10 +514,10 @@ fn toast_note(replica_identity: char) -> &'static str {
     match replica_identity {
         'f' => "replica identity FULL: unchanged TOAST values are filled from the old tuple",
         'i' => {
-            "replica identity INDEX: unchanged TOAST values are filled from the stored document or re-read from PostgreSQL"
+            "replica identity INDEX: unchanged TOAST values are filled from the row's previous change in the batch or re-read from PostgreSQL"
         }
         _ => {
-            "replica identity DEFAULT: unchanged TOAST values are filled from the stored document or re-read from PostgreSQL"
+            "replica identity DEFAULT: unchanged TOAST values are filled from the row's previous change in the batch or re-read from PostgreSQL"
         }
     }
 }

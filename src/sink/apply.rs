@@ -70,8 +70,7 @@ use crate::sink::index::{self, IndexOverrides, alias_name, ensure_index};
 use crate::sink::partitions::{BatchLimits, PartitionKey, Partitions};
 use crate::sink::routing::{Routes, TableName};
 use crate::sink::toast::{
-    self, BatchEvent, EventKind, FillPlan, FillSource, RowAddress, RowRead, RowSource,
-    RowSourceError, StoredDocument, StoredState,
+    self, BatchEvent, EventKind, FillPlan, RowAddress, RowRead, RowSource, RowSourceError,
 };
 
 /// How long a requested stop waits for the bulks in flight.
@@ -1307,7 +1306,6 @@ impl Sink {
             .map(|(item, id)| batch_event(item, id.as_deref()))
             .collect();
         let plans = toast::plan(&events);
-        let stored = self.stored_documents(pending, &ids, &plans).await?;
         for position in 0..pending.len() {
             let missing: Vec<String> = pending[position]
                 .target
@@ -1321,31 +1319,12 @@ impl Sink {
             }
             let (earlier, rest) = pending.split_at_mut(position);
             let item = &mut rest[0];
-            let stored = ids[position]
-                .as_ref()
-                .and_then(|id| stored.get(&(item.target.alias.clone(), id.clone())));
-            let state = stored.map(|stored| StoredState {
-                version: stored.version,
-                deleted: stored.deleted,
-            });
-            // An earlier event holds column names; a stored document, field names.
-            let found =
-                match toast::fill_source(plans[position], state, item.envelope.source.commit_lsn) {
-                    FillSource::Nothing | FillSource::Reread => None,
-                    FillSource::Batch(at) => {
-                        earlier[at].envelope.after.as_ref().map(|row| (row, false))
-                    }
-                    FillSource::Stored => stored.map(|stored| (&stored.fields, true)),
-                };
-            if let (Some((row, by_field)), Some(after)) = (found, item.envelope.after.as_mut()) {
-                let shape = &item.target.shape;
-                toast::fill_from(after, &missing, row, |column| {
-                    if by_field {
-                        shape.field_name(column).to_owned()
-                    } else {
-                        column.to_owned()
-                    }
-                });
+            let previous = match plans[position] {
+                FillPlan::Batch(at) => earlier[at].envelope.after.as_ref(),
+                FillPlan::Nothing | FillPlan::Reread => None,
+            };
+            if let (Some(row), Some(after)) = (previous, item.envelope.after.as_mut()) {
+                toast::fill_from(after, &missing, row);
             }
             item.mark_filled();
             let still_missing: Vec<String> = item
@@ -1360,47 +1339,6 @@ impl Sink {
             }
         }
         Ok(())
-    }
-
-    /// The stored documents the fill plans need, by (index, id), read with one `_mget` per
-    /// index.
-    async fn stored_documents(
-        &self,
-        pending: &[Pending<'_>],
-        ids: &[Option<String>],
-        plans: &[FillPlan],
-    ) -> anyhow::Result<HashMap<(String, String), StoredDocument>> {
-        let mut wanted: HashMap<&str, Vec<&str>> = HashMap::new();
-        for ((item, id), plan) in pending.iter().zip(ids).zip(plans) {
-            if let (Some(id), true) = (id, plan.reads_stored()) {
-                wanted
-                    .entry(item.target.alias.as_str())
-                    .or_default()
-                    .push(id);
-            }
-        }
-        let mut stored = HashMap::new();
-        for (alias, ids) in wanted {
-            let mut backoff = Backoff::new();
-            let documents = loop {
-                match index::stored_documents(&self.client, alias, &ids).await {
-                    Ok(documents) => break documents,
-                    Err(error) if search_error_is_transient(&error) => {
-                        self.note_retry();
-                        tracing::warn!(%alias, "reading stored documents for a TOAST fill failed; retrying");
-                        backoff.wait().await;
-                    }
-                    Err(error) => {
-                        return Err(anyhow::Error::from(error)
-                            .context("reading stored documents for a TOAST fill"));
-                    }
-                }
-            };
-            for (id, document) in documents {
-                stored.insert((alias.to_owned(), id), document);
-            }
-        }
-        Ok(stored)
     }
 
     /// Fills `missing` by re-reading the row from the table its topic belongs to. PostgreSQL

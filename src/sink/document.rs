@@ -119,7 +119,7 @@ pub enum DocumentError {
     #[error("a delete event is needed for a soft tombstone, got op {op}")]
     NotADelete { op: &'static str },
     #[error(
-        "unchanged TOAST columns {columns:?} have no value yet; fill them (old tuple, stored document or a re-read by primary key) before writing the document"
+        "unchanged TOAST columns {columns:?} have no value yet; fill them (old tuple, the previous change in the batch, or a re-read by key) before writing the document"
     )]
     UnfilledToastColumns { columns: Vec<String> },
 }

@@ -52,7 +52,6 @@
 //! A per-table `mappings_file` replaces the default mapping; the `walsync` field and `_meta`
 //! are always added to it.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use elasticsearch::auth::Credentials;
@@ -61,7 +60,7 @@ use elasticsearch::http::Url;
 use elasticsearch::http::response::Response;
 use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use elasticsearch::indices::{IndicesCreateParts, IndicesGetMappingParts, IndicesRefreshParts};
-use elasticsearch::{CountParts, Elasticsearch, MgetParts};
+use elasticsearch::{CountParts, Elasticsearch};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value, json};
 
@@ -598,67 +597,6 @@ pub async fn refresh(client: &Elasticsearch, alias: &str) -> Result<(), IndexErr
         .map(drop)
 }
 
-/// The stored documents of `ids` behind `alias`, read in real time (`_mget`), for TOAST
-/// fills: by id, with their version (`walsync.commit_lsn`), whether each is a soft tombstone,
-/// and their fields raw. Absent ids, and every id of a missing index, are left out.
-pub async fn stored_documents(
-    client: &Elasticsearch,
-    alias: &str,
-    ids: &[&str],
-) -> Result<HashMap<String, crate::sink::toast::StoredDocument>, IndexError> {
-    #[derive(serde::Deserialize)]
-    struct Found {
-        docs: Vec<FoundDocument>,
-    }
-    #[derive(serde::Deserialize)]
-    struct FoundDocument {
-        #[serde(rename = "_id")]
-        id: String,
-        #[serde(default)]
-        found: bool,
-        #[serde(rename = "_source", default)]
-        source: Option<crate::event::RawRow>,
-    }
-    #[derive(serde::Deserialize, Default)]
-    struct Metadata {
-        #[serde(default)]
-        commit_lsn: u64,
-        #[serde(default)]
-        deleted: bool,
-    }
-    let response = client
-        .mget(MgetParts::Index(alias))
-        .realtime(true)
-        .body(json!({ "ids": ids }))
-        .send()
-        .await
-        .map_err(|source| transport_error("read stored documents of", alias, source))?;
-    if response.status_code().as_u16() == 404 {
-        return Ok(HashMap::new());
-    }
-    let found: Found = success_json(response, "read stored documents of", alias).await?;
-    let mut documents = HashMap::with_capacity(found.docs.len());
-    for document in found.docs {
-        let (true, Some(mut fields)) = (document.found, document.source) else {
-            continue;
-        };
-        let metadata: Metadata = fields
-            .get(METADATA_FIELD)
-            .and_then(|raw| serde_json::from_str(raw.get()).ok())
-            .unwrap_or_default();
-        fields.remove(METADATA_FIELD);
-        documents.insert(
-            document.id,
-            crate::sink::toast::StoredDocument {
-                version: metadata.commit_lsn,
-                deleted: metadata.deleted,
-                fields,
-            },
-        );
-    }
-    Ok(documents)
-}
-
 /// The number of documents behind `alias` as of the last refresh, soft tombstones included.
 pub async fn count(client: &Elasticsearch, alias: &str) -> Result<u64, IndexError> {
     count_matching(client, alias, json!({"match_all": {}})).await
@@ -817,7 +755,7 @@ mod tests {
 
     #[test]
     fn every_request_follows_one_rule_for_the_search_servers_answers() {
-        // Creating or checking an index, delete-by-query, reading stored documents and a bulk
+        // Creating or checking an index, delete-by-query and a bulk
         // request as a whole used to disagree on these; they all ask this one rule now.
         for status in [408, 429, 500, 502, 503, 504] {
             assert_eq!(

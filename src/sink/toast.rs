@@ -12,18 +12,20 @@
 //!    order, and a replay re-sends them in that order, so the newest earlier streamed event of
 //!    the batch is the row's previous state — whether or not it is applied later: its values are
 //!    the row's, even if the server refuses its document.
-//! 2. **Else the stored document, only when its version is the event's own** (an earlier change
-//!    of the same transaction, applied in an earlier batch) and it is live. A stored document
-//!    of an older version is *not* proof of the previous state: the previous event may have been
-//!    dead-lettered, compacted away, applied to another partition after the topic grew, or
-//!    written to the old index of a backfill's swap — filling from it would write an old value
-//!    at a new version that a later replay could never correct.
-//! 3. **Else a re-read from PostgreSQL** by the event's key, on the table the record's topic
+//! 2. **Else a re-read from PostgreSQL** by the event's key, on the table the record's topic
 //!    belongs to ([`RowSource`]). A value read later than the event is still safe: the row's
 //!    later changes arrive with higher versions and overwrite it, and row locks make every
 //!    earlier change of the row visible to the read (design invariant 10). The read first waits
 //!    until the event's own transaction is visible (its commit record can be decoded before the
 //!    commit is visible, for as long as a synchronous standby takes to confirm it).
+//!
+//! The stored document is never a source, not even at the event's own version. It is not proof
+//! of the previous state: the previous event may have been dead-lettered, compacted away,
+//! applied to another partition after the topic grew, or written to the old index of a
+//! backfill's swap; and a document of the event's own version may have been written by a
+//! *later* change of the same transaction (or by a dead letter's re-send of an earlier one)
+//! whose values are not this change's previous state. Filling from it would write a value at a
+//! version that a later replay could never correct.
 //!
 //! A snapshot row (`r`, versioned `cp − 1`) never fills a later event: it is interleaved with the
 //! stream at any offset, so it may be older than a streamed change that was applied, refused or
@@ -32,7 +34,7 @@
 //! A key change arrives as a delete of the old key and a create (`c`) of the new one; a `c`
 //! with unchanged columns can only be such a create. Its previous state lives under the old
 //! key, and whatever the batch or the index holds under the new key belongs to another row
-//! (one deleted in the same transaction, say), so it is always re-read (3).
+//! (one deleted in the same transaction, say), so it is always re-read (2).
 //!
 //! Outcomes of a re-read: the row's values fill the event; a row that is gone is superseded by
 //! a later delete of the same key in the same partition, so the event is skipped; a column that
@@ -75,49 +77,8 @@ pub enum FillPlan {
     Nothing,
     /// From the (already filled) event at this position of the batch.
     Batch(usize),
-    /// From the stored document if it is live and of the event's own version, else re-read.
-    StoredIfSameVersion,
     /// Re-read from PostgreSQL.
     Reread,
-}
-
-impl FillPlan {
-    /// Whether the plan needs the stored document.
-    pub fn reads_stored(self) -> bool {
-        self == FillPlan::StoredIfSameVersion
-    }
-}
-
-/// What a fill needs to know of a stored document before trusting it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct StoredState {
-    pub version: u64,
-    /// A soft tombstone (or, in models, a versioned delete).
-    pub deleted: bool,
-}
-
-/// Where one event's missing values are taken from, once the stored document is known.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FillSource {
-    Nothing,
-    Batch(usize),
-    Stored,
-    Reread,
-}
-
-/// Decides a plan against the stored document of the event's id (rule 2 of the module doc).
-pub fn fill_source(plan: FillPlan, stored: Option<StoredState>, event_version: u64) -> FillSource {
-    match plan {
-        FillPlan::Nothing => FillSource::Nothing,
-        FillPlan::Batch(at) => FillSource::Batch(at),
-        FillPlan::Reread => FillSource::Reread,
-        FillPlan::StoredIfSameVersion => match stored {
-            Some(stored) if !stored.deleted && stored.version == event_version => {
-                FillSource::Stored
-            }
-            _ => FillSource::Reread,
-        },
-    }
 }
 
 /// The newest state of a document seen so far in the batch.
@@ -183,44 +144,25 @@ fn plan_one(event: &BatchEvent<'_>, seen: Option<Latest>) -> FillPlan {
         return FillPlan::Reread;
     }
     match seen {
-        None => FillPlan::StoredIfSameVersion,
         Some(Latest::Row {
             position,
             version,
             snapshot: false,
         }) if version <= event.version => FillPlan::Batch(position),
-        // A snapshot row (possibly older than a change applied before it), a delete, or a
-        // newer state than this (stale) event: nothing in the batch is the row's previous
-        // state for sure.
-        Some(_) => FillPlan::Reread,
+        // Nothing earlier in the batch, a snapshot row (possibly older than a change applied
+        // before it), a delete, or a newer state than this (stale) event: nothing in the batch
+        // is the row's previous state for sure.
+        _ => FillPlan::Reread,
     }
 }
 
-/// Copies the values of `columns` found in `from` (by field name `field_of(column)`) into
-/// `into`; returns the columns still missing.
-pub fn fill_from<'c>(
-    into: &mut RawRow,
-    columns: &'c [String],
-    from: &RawRow,
-    field_of: impl Fn(&str) -> String,
-) -> Vec<&'c String> {
-    let mut missing = Vec::new();
+/// Copies the values of `columns` found in `from`, an earlier event's row, into `into`.
+pub fn fill_from(into: &mut RawRow, columns: &[String], from: &RawRow) {
     for column in columns {
-        match from.get(&field_of(column)) {
-            Some(value) => into.insert(column.clone(), value.to_owned()),
-            None => missing.push(column),
+        if let Some(value) = from.get(column) {
+            into.insert(column.clone(), value.to_owned());
         }
     }
-    missing
-}
-
-/// A stored document, as a TOAST fill reads it.
-#[derive(Debug, Clone)]
-pub struct StoredDocument {
-    pub version: u64,
-    pub deleted: bool,
-    /// The document's fields (after the table's shaping), values raw.
-    pub fields: RawRow,
 }
 
 #[cfg(test)]
@@ -256,11 +198,7 @@ mod tests {
         ]);
         assert_eq!(
             plans,
-            [
-                FillPlan::Nothing,
-                FillPlan::Batch(0),
-                FillPlan::StoredIfSameVersion
-            ]
+            [FillPlan::Nothing, FillPlan::Batch(0), FillPlan::Reread]
         );
     }
 
@@ -305,30 +243,11 @@ mod tests {
     }
 
     #[test]
-    fn the_stored_document_fills_only_at_the_events_own_version() {
-        let live = |version| {
-            Some(StoredState {
-                version,
-                deleted: false,
-            })
-        };
-        let plan = FillPlan::StoredIfSameVersion;
-        // An earlier change of the same transaction, applied in an earlier batch.
-        assert_eq!(fill_source(plan, live(300), 300), FillSource::Stored);
-        // Older: the previous event may have been dead-lettered or compacted away.
-        assert_eq!(fill_source(plan, live(200), 300), FillSource::Reread);
-        // Newer (the event is stale), deleted, or absent: re-read.
-        assert_eq!(fill_source(plan, live(400), 300), FillSource::Reread);
-        let deleted = Some(StoredState {
-            version: 300,
-            deleted: true,
-        });
-        assert_eq!(fill_source(plan, deleted, 300), FillSource::Reread);
-        assert_eq!(fill_source(plan, None, 300), FillSource::Reread);
-        assert_eq!(
-            fill_source(FillPlan::Batch(3), None, 300),
-            FillSource::Batch(3)
-        );
+    fn the_stored_document_never_fills() {
+        // Without an earlier event in the batch the row is re-read, whatever the index holds:
+        // even a document of the event's own version may be a later change of the same
+        // transaction, or a dead letter's re-send of an earlier one.
+        assert_eq!(plan(&[event("1", 300, Streamed, true)]), [FillPlan::Reread]);
     }
 
     #[test]
@@ -356,6 +275,6 @@ mod tests {
             event("1", 10, Delete, false),
             event("2", 20, Streamed, true),
         ]);
-        assert_eq!(plans[1], FillPlan::StoredIfSameVersion);
+        assert_eq!(plans[1], FillPlan::Reread);
     }
 }
