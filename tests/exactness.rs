@@ -499,6 +499,120 @@ async fn the_re_read_follows_columns_added_and_retyped_after_it_first_read_the_t
 }
 
 #[tokio::test]
+async fn the_re_read_follows_key_columns_retyped_after_it_first_read_the_table() {
+    // A key cast to the length the reader first saw ('abcdefgh'::varchar(5) is 'abcde') would
+    // find another row and fill its value; one cast to int4 would overflow.
+    let name = name("exact_reread_key_ddl");
+    let table = format!("public.{name}");
+    let client = sql().await;
+    toast_table(&client, &table, "id varchar(5)").await;
+    client
+        .batch_execute(&format!("ALTER TABLE {table} ADD COLUMN n int UNIQUE"))
+        .await
+        .expect("add n");
+    let config = pipeline_config(&name, &[&table]);
+    let pipeline = RunningPipeline::start(config.clone()).await;
+    let wait = || wait_equal(&config, "public", &name, &["id"], Duration::from_secs(60));
+    run(
+        &client,
+        &format!(
+            "INSERT INTO {table} VALUES ('abcde', 'a', {}, 1)",
+            big("one")
+        ),
+        "insert",
+    )
+    .await;
+    wait().await;
+    // The first re-read: the reader learns the table with id varchar(5).
+    run(
+        &client,
+        &format!("UPDATE {table} SET note = 'b' WHERE id = 'abcde'"),
+        "the first update",
+    )
+    .await;
+    wait().await;
+    run(
+        &client,
+        &format!(
+            "ALTER TABLE {table} ALTER COLUMN id TYPE varchar(10);
+             INSERT INTO {table} VALUES ('abcdefgh', 'c', {}, 2);",
+            big("two")
+        ),
+        "widen the key",
+    )
+    .await;
+    wait().await;
+    run(
+        &client,
+        &format!("UPDATE {table} SET note = 'd' WHERE id = 'abcdefgh'"),
+        "update the long key",
+    )
+    .await;
+    wait().await;
+    let alias = alias_of(&config, "public", &name);
+    let document = stored_document(&alias, "abcdefgh").await.expect("document");
+    assert_eq!(
+        md5_of(&document["big"]),
+        md5_of_big(&client, &table, "id = 'abcdefgh'").await,
+        "the long key's own big, not the short key's"
+    );
+    pipeline.stop().await;
+    drop_slot(&name).await;
+}
+
+#[tokio::test]
+async fn the_re_read_follows_an_integer_key_widened_after_it_first_read_the_table() {
+    let name = name("exact_reread_int_key");
+    let table = format!("public.{name}");
+    let client = sql().await;
+    toast_table(&client, &table, "id int").await;
+    let config = pipeline_config(&name, &[&table]);
+    let pipeline = RunningPipeline::start(config.clone()).await;
+    let wait = || wait_equal(&config, "public", &name, &["id"], Duration::from_secs(60));
+    run(
+        &client,
+        &format!("INSERT INTO {table} VALUES (1, 'a', {})", big("one")),
+        "insert",
+    )
+    .await;
+    wait().await;
+    run(
+        &client,
+        &format!("UPDATE {table} SET note = 'b' WHERE id = 1"),
+        "the first update",
+    )
+    .await;
+    wait().await;
+    let dead_letters_before = pipeline.stats.dead_lettered.load(Ordering::Relaxed);
+    run(
+        &client,
+        &format!(
+            "ALTER TABLE {table} ALTER COLUMN id TYPE bigint;
+             INSERT INTO {table} VALUES (5000000000, 'c', {});",
+            big("two")
+        ),
+        "widen the key, then insert a key beyond int4",
+    )
+    .await;
+    wait().await;
+    // In a batch of its own, so that it is re-read.
+    run(
+        &client,
+        &format!("UPDATE {table} SET note = 'd' WHERE id = 5000000000"),
+        "update it",
+    )
+    .await;
+    wait().await;
+    assert_eq!(
+        pipeline.stats.dead_lettered.load(Ordering::Relaxed),
+        dead_letters_before,
+        "nothing dead-lettered"
+    );
+    pipeline.stop().await;
+    drop_slot(&name).await;
+}
+
+#[tokio::test]
 async fn a_key_change_is_re_read_only_once_its_own_transaction_is_visible() {
     // Commits wait for a synchronous standby that never comes: decoded and streamed as soon as
     // the commit record is flushed, but invisible to every reader until the wait ends.

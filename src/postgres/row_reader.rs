@@ -6,7 +6,7 @@
 //! - **Bound, typed parameters.** The key's values travel as parameters, never as SQL text:
 //!   each is the PostgreSQL input text of the record key's JSON value
 //!   ([`Codec::postgres_text`], the codec's inverse), bound as `text` and cast to the column's
-//!   type (`$1::text::<format_type>`), so `bytea`, arrays, timestamps and every other key type
+//!   type (`$1::text::<format_type(type, NULL)>`), so `bytea`, arrays, timestamps and every other key type
 //!   compare by value and the primary key's index is used. Identifiers are quoted; type names
 //!   come from `format_type`, which quotes them too. Statements are prepared once per table
 //!   and column list.
@@ -26,10 +26,13 @@
 //!   committed, and dead-letters the event when it was rolled back or never assigned (a record
 //!   this cluster did not write).
 //! - **The view of the table follows the table.** The table's columns and their types are
-//!   cached per connection, and each read returns every column's type as it is now
-//!   (`pg_typeof`): a requested column the cache lacks (added since) or a type that changed
-//!   makes the reader read the catalog (and the types created since) again and retry once
-//!   before it concludes that a column was dropped.
+//!   cached per connection, and each read returns every requested and key column's type as it
+//!   is now (`pg_typeof`): a requested column the cache lacks (added since), a type that
+//!   changed, or a statement refused for a data or type error (a key value the old type cannot
+//!   hold) makes the reader read the catalog (and the types created since) again and retry
+//!   once before it concludes. Key values are cast to the type without its modifier
+//!   (`character varying`, not `character varying(5)`): a cast to an old, shorter length would
+//!   truncate the key and find another row.
 //! - **Dispositions.** A connection failure, a restart or an overload (the PostgreSQL rule,
 //!   [`super::disposition`]) is [`RowSourceError::Transient`] (the caller waits and retries,
 //!   with a fresh connection); a table or key column that no longer exists, or a key that
@@ -63,7 +66,8 @@ pub struct PostgresRowReader {
 struct Connection {
     catalog: Catalog,
     codec: Codec,
-    /// By `(schema, table)`: column name → (type OID, `format_type`).
+    /// By `(schema, table)`: column name → (type OID, the type's name without its modifier:
+    /// `character varying`, not `character varying(5)`, which a cast would truncate to).
     columns: HashMap<(String, String), HashMap<String, (u32, String)>>,
     statements: HashMap<String, Statement>,
 }
@@ -251,6 +255,14 @@ impl Connection {
             ));
             outer.push(format!("r.t{position}, r.n{position}, r.v{position}"));
         }
+        // The key columns' types now: the key was cast to the types this connection knows.
+        for (position, (column, _)) in key.iter().enumerate() {
+            select.push(format!(
+                "pg_typeof({})::oid AS k{position}",
+                quote_identifier(column)
+            ));
+            outer.push(format!("r.k{position}"));
+        }
         let sql = format!(
             "SELECT {} FROM ({}) v(visible, xid) LEFT JOIN (SELECT {} FROM {}.{} WHERE {}) r ON true",
             outer.join(", "),
@@ -260,17 +272,25 @@ impl Connection {
             quote_identifier(table),
             conditions.join(" AND ")
         );
-        let statement = self.statement(&sql, parameters.len()).await?;
+        let statement = match self.statement(&sql, parameters.len()).await {
+            Err(error) if !loaded_now && may_be_a_stale_view(&error) => return Ok(Attempt::Stale),
+            other => other.map_err(postgres_error)?,
+        };
         let parameters: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = parameters
             .iter()
             .map(|parameter| parameter as &(dyn tokio_postgres::types::ToSql + Sync))
             .collect();
-        let row = self
+        let row = match self
             .catalog
             .client()
             .query_one(&statement, &parameters)
             .await
-            .map_err(postgres_error)?;
+        {
+            // A key value the old type cannot hold (int4 → int8: 22003), or that no longer
+            // compares with it (42883): look at the table again before concluding.
+            Err(error) if !loaded_now && may_be_a_stale_view(&error) => return Ok(Attempt::Stale),
+            other => other.map_err(postgres_error)?,
+        };
         let visible: bool = row.get(0);
         if !visible {
             let xid: String = row.get(1);
@@ -279,6 +299,13 @@ impl Connection {
         let found: Option<bool> = row.get(2);
         if found.is_none() {
             return Ok(Attempt::Read(RowRead::Gone));
+        }
+        let key_types_at = 3 + present.len() * 3;
+        for (position, (column, _)) in key.iter().enumerate() {
+            let type_now: u32 = row.get(key_types_at + position);
+            if table_columns.get(column).map(|(oid, _)| *oid) != Some(type_now) {
+                return Ok(Attempt::Stale);
+            }
         }
         let mut values = RawRow::default();
         for (position, column) in present.iter().enumerate() {
@@ -369,17 +396,12 @@ impl Connection {
         &mut self,
         sql: &str,
         parameters: usize,
-    ) -> Result<Statement, RowSourceError> {
+    ) -> Result<Statement, tokio_postgres::Error> {
         if let Some(statement) = self.statements.get(sql) {
             return Ok(statement.clone());
         }
         let types = vec![Type::TEXT; parameters];
-        let statement = self
-            .catalog
-            .client()
-            .prepare_typed(sql, &types)
-            .await
-            .map_err(postgres_error)?;
+        let statement = self.catalog.client().prepare_typed(sql, &types).await?;
         self.statements.insert(sql.to_owned(), statement.clone());
         Ok(statement)
     }
@@ -398,7 +420,7 @@ impl Connection {
                 .catalog
                 .client()
                 .query(
-                    "SELECT a.attname::text, a.atttypid, format_type(a.atttypid, a.atttypmod)
+                    "SELECT a.attname::text, a.atttypid, format_type(a.atttypid, NULL)
                      FROM pg_attribute a
                      JOIN pg_class c ON c.oid = a.attrelid
                      JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -420,6 +442,15 @@ impl Connection {
         }
         Ok((&self.columns[&name], loaded_now))
     }
+}
+
+/// Whether a refused re-read may come from a view of the table older than the table: a data
+/// exception (class 22: a key value out of the old type's range or length) or a syntax or
+/// access rule violation (class 42: an operator or column that no longer fits).
+fn may_be_a_stale_view(error: &tokio_postgres::Error) -> bool {
+    error
+        .code()
+        .is_some_and(|code| code.code().starts_with("22") || code.code().starts_with("42"))
 }
 
 fn postgres_error(error: tokio_postgres::Error) -> RowSourceError {
