@@ -208,6 +208,46 @@ async fn a_burst_of_dead_letters_trips_the_breaker_instead_of_emptying_the_table
 }
 
 #[tokio::test]
+async fn dead_letters_of_every_reason_count_towards_the_breaker() {
+    // Updates whose unchanged TOAST value cannot be re-read (the table does not exist in
+    // PostgreSQL), then records that are not change events: neither is a rejection by the
+    // search server, and both must trip the breaker rather than fill the DLQ.
+    for (case, poison) in [
+        ("fill", None),
+        ("unparsable", Some(json!({"not": "an envelope"}))),
+    ] {
+        let mut config = sink_config(&name(&format!("sink_breaker_{case}")));
+        config.sink.dlq_breaker_per_minute = 3;
+        let topic = create_topic(&config).await;
+        let events: Vec<(String, Value)> = (1..12)
+            .map(|id| {
+                let mut event = envelope("u", id, Some("x"), 100 + id as u64);
+                event["unchanged_toast_columns"] = json!(["big"]);
+                (
+                    json!({ "id": id }).to_string(),
+                    poison.clone().unwrap_or(event),
+                )
+            })
+            .collect();
+        let sink = RunningSink::start(config.clone()).await;
+        produce_keyed(&topic, &events).await;
+        let error = tokio::time::timeout(Duration::from_secs(60), sink.task)
+            .await
+            .expect("the sink stops by itself")
+            .expect("no panic")
+            .expect_err("the breaker stops the sink");
+        assert!(
+            format!("{error:#}").contains("breaker tripped"),
+            "{case}: {error:#}"
+        );
+        assert!(
+            topic_size(&format!("{}.dlq", config.kafka.topic_prefix)) <= 3,
+            "{case}: at most the limit reached the DLQ"
+        );
+    }
+}
+
+#[tokio::test]
 async fn an_index_built_from_another_cluster_is_refused_with_the_recovery_steps() {
     let config = sink_config(&name("sink_foreign"));
     let topic = create_topic(&config).await;

@@ -18,8 +18,10 @@
 //!
 //! Retries (429, 5xx, timeouts, connection errors, blocks, closed or missing indices) go on with
 //! exponential backoff and jitter for as long as it takes; the partition's queue fills meanwhile
-//! and reading stops. Only documents the server will never accept go to the dead-letter topic,
-//! and a burst of them trips a breaker that stops the sink instead. When the surviving action of
+//! and reading stops. Only records that can never be applied go to the dead-letter topic
+//! (documents the server will never accept, values that cannot be filled, records that are not
+//! walsync's or not from the index's cluster), all through one breaker: a burst of them stops
+//! the sink instead. When the surviving action of
 //! several collapsed ones is refused, only it is dead-lettered; the actions it superseded are
 //! sent again, in order.
 //!
@@ -708,6 +710,7 @@ impl Sink {
         self.fill_unchanged_toast(&mut pending).await?;
         let mut actions = Vec::with_capacity(pending.len());
         let mut sources = Vec::with_capacity(pending.len());
+        let mut refused = Vec::new();
         for (position, item) in pending.iter().enumerate() {
             match self.action(item) {
                 Ok(Some(action)) => {
@@ -715,9 +718,14 @@ impl Sink {
                     sources.push(position);
                 }
                 Ok(None) => {}
-                Err(reason) => self.dead_letter(item.message, &reason).await?,
+                Err(reason) => refused.push((item.message, reason)),
             }
         }
+        let refused: Vec<(&OwnedMessage, &str)> = refused
+            .iter()
+            .map(|(message, reason)| (*message, reason.as_str()))
+            .collect();
+        self.dead_letter_all(&refused).await?;
         self.send(actions, &sources, &pending).await
     }
 
@@ -859,15 +867,15 @@ impl Sink {
                 }
             }
             self.watch_conflicts(stale, applied + stale);
-            if !dead.is_empty() {
-                self.trip_breaker_if_bursting(dead.len(), &dead[0].1)?;
-                for (positions, reason) in &dead {
-                    for position in positions {
-                        self.dead_letter(pending[origins[*position]].message, reason)
-                            .await?;
-                    }
-                }
-            }
+            let records: Vec<(&OwnedMessage, &str)> = dead
+                .iter()
+                .flat_map(|(positions, reason)| {
+                    positions
+                        .iter()
+                        .map(|position| (pending[origins[*position]].message, reason.as_str()))
+                })
+                .collect();
+            self.dead_letter_all(&records).await?;
             if retry_positions.is_empty() && resend_positions.is_empty() {
                 break;
             }
@@ -921,11 +929,11 @@ impl Sink {
         let reason = format!(
             "the document alone is too large for the search server ({reason}); raise its http.max_content_length (and any proxy's body limit)"
         );
-        self.trip_breaker_if_bursting(1, &reason)?;
-        for origin in origins {
-            self.dead_letter(pending[*origin].message, &reason).await?;
-        }
-        Ok(())
+        let records: Vec<(&OwnedMessage, &str)> = origins
+            .iter()
+            .map(|origin| (pending[*origin].message, reason.as_str()))
+            .collect();
+        self.dead_letter_all(&records).await
     }
 
     /// Counts one retry of a request to the search server.
@@ -1033,9 +1041,9 @@ impl Sink {
         if recent.len() + count > limit {
             ::metrics::gauge!(metrics::SINK_BREAKER_OPEN).set(1.0);
             bail!(
-                "dead-letter breaker tripped: {} documents rejected within a minute (limit sink.dlq_breaker_per_minute = {limit}); \
-                 first reason: {first_reason}. Nothing was dead-lettered or committed for this batch. \
-                 Fix the mapping or the data, then restart the sink",
+                "dead-letter breaker tripped: {} records dead-lettered within a minute (limit sink.dlq_breaker_per_minute = {limit}); \
+                 first reason: {first_reason}. This batch's offsets were not committed and nothing more was dead-lettered. \
+                 Fix the mapping, the data or the configuration the reason names, then restart the sink",
                 recent.len() + count
             );
         }
@@ -1043,7 +1051,32 @@ impl Sink {
         Ok(())
     }
 
+    /// Dead-letters one record, within the breaker's limit.
     async fn dead_letter(&self, message: &OwnedMessage, reason: &str) -> anyhow::Result<()> {
+        self.trip_breaker_if_bursting(1, reason)?;
+        self.publish_dead_letter(message, reason).await
+    }
+
+    /// Dead-letters records together: the breaker counts them all before the first is written,
+    /// so a tripped breaker dead-letters none of them.
+    async fn dead_letter_all(&self, records: &[(&OwnedMessage, &str)]) -> anyhow::Result<()> {
+        let Some((_, first_reason)) = records.first() else {
+            return Ok(());
+        };
+        self.trip_breaker_if_bursting(records.len(), first_reason)?;
+        for (message, reason) in records {
+            self.publish_dead_letter(message, reason).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes one record to the dead-letter topic, with why and where it came from. Only
+    /// through [`Self::dead_letter`] and [`Self::dead_letter_all`], which hold the breaker.
+    async fn publish_dead_letter(
+        &self,
+        message: &OwnedMessage,
+        reason: &str,
+    ) -> anyhow::Result<()> {
         tracing::warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(), %reason, "dead-lettered");
         let mut headers = OwnedHeaders::new();
         if let Some(original) = message.headers() {
