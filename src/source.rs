@@ -575,6 +575,7 @@ impl Reader<'_> {
                 let relation = self.relations.apply(relation);
                 match self.routes_by_name.get(&key) {
                     Some((topic, key_names)) => {
+                        self.refuse_another_relation_under(&relation, &key, lsn)?;
                         let route = TableRoute::new(relation, Arc::clone(topic), key_names)?;
                         self.routes.insert(route.relation.oid, route);
                     }
@@ -764,6 +765,45 @@ impl Reader<'_> {
         let route = TableRoute::new(relation, topic, &key_names)?;
         self.routes.insert(route.relation.oid, route);
         Ok(())
+    }
+
+    /// A configured name now belongs to another relation than the one captured under it in this
+    /// stream: a captured table renamed onto it (two tables swapping names), or the table
+    /// dropped and created again. Its events would go on to the same topic and index, whose
+    /// documents are the other relation's rows (a drop sends no deletes), so the source stops
+    /// before sending any of them, with the way out (docs/runbook.md, "Schema changes").
+    fn refuse_another_relation_under(
+        &self,
+        relation: &crate::postgres::pgoutput::Relation,
+        name: &(String, String),
+        lsn: Lsn,
+    ) -> anyhow::Result<()> {
+        let new_name = format!("{}.{}", name.0, name.1);
+        let named = |route: &TableRoute| {
+            route.relation.namespace == name.0 && route.relation.name == name.1
+        };
+        let what = if let Some(previous) = self.routes.get(&relation.oid).filter(|r| !named(r)) {
+            format!(
+                "captured table {}.{} was renamed to {new_name}, the name of another captured table",
+                previous.relation.namespace, previous.relation.name
+            )
+        } else if self
+            .routes
+            .iter()
+            .any(|(oid, route)| *oid != relation.oid && named(route))
+        {
+            format!(
+                "captured table {new_name} was dropped and created again (or another table took its name)"
+            )
+        } else {
+            return Ok(());
+        };
+        anyhow::bail!(
+            "{what} at WAL position {lsn}; nothing after it was sent. The indices of the tables involved hold the rows of \
+             the relations they had before. Let the sink apply what their topics hold, move the slot past this point \
+             (SELECT pg_replication_slot_advance('<postgres.slot>', '{lsn}')), start again, and rebuild each involved table's \
+             index with `walsync backfill <table> --into <new index>` (docs/runbook.md, \"Schema changes\")"
+        )
     }
 
     fn open_tx(&self) -> anyhow::Result<&OpenTx> {

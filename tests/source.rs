@@ -369,3 +369,63 @@ async fn a_renamed_table_stops_the_source_with_the_fix_and_streams_under_its_new
     assert_eq!(source.stop().await, SourceExit::Drained);
     drop_slot(&name).await;
 }
+
+#[tokio::test]
+async fn two_captured_tables_swapping_names_stop_the_source_before_either_topic_gets_the_others_rows()
+ {
+    let name = name("src_swap");
+    let first = format!("public.{name}_a");
+    let second = format!("public.{name}_b");
+    let client = sql().await;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {first} (id int PRIMARY KEY, note text);
+             CREATE TABLE {second} (id int PRIMARY KEY, note text);"
+        ))
+        .await
+        .expect("create the tables");
+    let source = RunningSource::start(config_for(&name, &[&first, &second])).await;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {first} VALUES (1, 'a'); INSERT INTO {second} VALUES (1, 'b');"
+        ))
+        .await
+        .unwrap();
+    let first_topic = format!("{name}.public.{name}_a");
+    let second_topic = format!("{name}.public.{name}_b");
+    read_topic(&first_topic, 1, Duration::from_secs(60)).await;
+    read_topic(&second_topic, 1, Duration::from_secs(60)).await;
+    // The zero-downtime migration pattern: swap the names in one transaction.
+    client
+        .batch_execute(&format!(
+            "BEGIN;
+             ALTER TABLE {first} RENAME TO {name}_tmp;
+             ALTER TABLE {second} RENAME TO {name}_a;
+             ALTER TABLE public.{name}_tmp RENAME TO {name}_b;
+             COMMIT;
+             INSERT INTO {first} VALUES (2, 'was b');"
+        ))
+        .await
+        .unwrap();
+    let error = source
+        .exited(Duration::from_secs(60))
+        .await
+        .expect_err("the source stops on the swap");
+    let message = format!("{error:#}");
+    assert!(
+        message.contains(&second) && message.contains("renamed to") && message.contains(&first),
+        "{message}"
+    );
+    assert!(message.contains("pg_replication_slot_advance"), "{message}");
+    let first_records = read_whole_topic(&first_topic, Duration::from_secs(30)).await;
+    let notes: Vec<&Value> = first_records
+        .iter()
+        .map(|r| &value(r)["after"]["note"])
+        .collect();
+    assert_eq!(
+        notes,
+        [&json!("a")],
+        "nothing of the other table reached the topic"
+    );
+    drop_slot(&name).await;
+}
