@@ -39,19 +39,21 @@ use serde_json::{Value, json};
 use tokio::sync::watch;
 
 use crate::config::{Config, KafkaConfig};
-use crate::event::{EventWriter, SourceInfo};
+use crate::event::SourceInfo;
+use crate::kafka::consumer::{GroupPosition, group_positions};
 use crate::kafka::producer::{EventProducer, client_config};
 use crate::kafka::topics;
 use crate::lsn::Lsn;
 use crate::postgres::catalog::{Catalog, SlotWait};
 use crate::postgres::copy_registry::{CopyRegistration, RegistrationState};
+use crate::postgres::events::EventWriter;
 use crate::postgres::replication::{ReplicationClient, quote_identifier};
 use crate::postgres::slot::{self, CapturedTable};
-use crate::postgres::snapshot;
 use crate::postgres::types::{Codec, CodecOptions};
 use crate::sink::apply::Sink;
 use crate::sink::document::{COMMIT_LSN_PATH, DELETED_PATH};
 use crate::sink::index::{self, IndexOverrides, alias_name, index_mappings, index_settings};
+use crate::source::snapshot;
 
 /// Kafka metadata and offset requests give up after this long (and are retried by the loops).
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(30);
@@ -61,6 +63,24 @@ const REGISTRATION_WAIT: Duration = Duration::from_secs(60);
 
 /// How often progress lines are printed.
 const PROGRESS_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Where a backfill reports what it does, line by line, for the operator watching it. Library
+/// code never prints: the CLI's implementation ([`PrintLines`]) writes each line to stdout.
+pub trait Progress: Send + Sync + std::fmt::Debug {
+    fn line(&self, line: std::fmt::Arguments<'_>);
+}
+
+/// Progress lines on stdout, for `walsync backfill`.
+#[derive(Debug, Default)]
+pub struct PrintLines;
+
+impl Progress for PrintLines {
+    fn line(&self, line: std::fmt::Arguments<'_>) {
+        use std::io::Write as _;
+        // A closed stdout (the operator's pipe went away) must not fail the backfill.
+        let _ = writeln!(std::io::stdout().lock(), "{line}");
+    }
+}
 
 /// What to backfill, from the command line.
 #[derive(Debug, Clone)]
@@ -75,6 +95,8 @@ pub struct BackfillOptions {
     pub delete_old: bool,
     /// How long to wait for the stream and the sink(s) to catch up.
     pub timeout: Duration,
+    /// Where progress lines go.
+    pub progress: Arc<dyn Progress>,
 }
 
 /// What a backfill did.
@@ -100,7 +122,7 @@ struct Leftovers {
     group: Option<String>,
 }
 
-/// Runs a backfill; prints progress lines on stdout as it goes. An `--into` backfill that fails
+/// Runs a backfill, reporting progress lines to `options.progress` as it goes. An `--into` backfill that fails
 /// before the swap deletes the index it created (searches never saw it), so it can be rerun.
 pub async fn run(config: Config, options: BackfillOptions) -> anyhow::Result<BackfillReport> {
     let mut leftovers = Leftovers::default();
@@ -134,6 +156,8 @@ async fn run_backfill(
     leftovers: &mut Leftovers,
 ) -> anyhow::Result<BackfillReport> {
     let started = Instant::now();
+    let progress_handle = Arc::clone(&options.progress);
+    let progress: &dyn Progress = progress_handle.as_ref();
     if options.into.is_some() && options.filter.is_some() {
         bail!(
             "--into builds a complete new index, so it cannot be combined with --where (the index would hold only the slice); \
@@ -175,7 +199,9 @@ async fn run_backfill(
         let old_index = current_index(&search, &alias).await?;
         create_index_like(&search, &config, &table_config, into, &identity.system_id).await?;
         leftovers.unswapped_index = Some(into.clone());
-        println!("created index {into} (the alias {alias} points to {old_index})");
+        progress.line(format_args!(
+            "created index {into} (the alias {alias} points to {old_index})"
+        ));
         let group = format!("{}-backfill-{into}", config.sink.group_id);
         let secondary = GroupOffsets::new(&config.kafka, &group, &topic).await?;
         let start = secondary.high_watermarks().await?;
@@ -189,20 +215,27 @@ async fn run_backfill(
         });
     }
 
-    let registration =
-        register_with_source(&catalog, &config.postgres.slot, &schema, &name, &topic).await?;
+    let registration = register_with_source(
+        progress,
+        &catalog,
+        &config.postgres.slot,
+        &schema,
+        &name,
+        &topic,
+    )
+    .await?;
     let copy = snapshot::import_snapshot(&params, &config.postgres.slot, "backfill", 1)
         .await
         .context("cannot create the backfill's temporary slot and import its snapshot")?;
     let version = copy.version();
     let consistent_point = Lsn(version.as_u64() + 1);
-    println!(
+    progress.line(format_args!(
         "backfilling {qualified}{} under a snapshot at consistent point {consistent_point}; rows are versioned {version}",
         options
             .filter
             .as_ref()
             .map_or(String::new(), |filter| format!(" where {filter}"))
-    );
+    ));
 
     let secondary_sink = match &rebuild {
         Some(rebuild) => Some(start_secondary_sink(&config, &table, &topic, rebuild).await?),
@@ -210,16 +243,23 @@ async fn run_backfill(
     };
 
     let rows = copy_rows(&config, &identity, copy, &table, &topic, &options).await?;
-    println!(
+    progress.line(format_args!(
         "copied {rows} rows in {:.1} s; waiting for the stream to catch up",
         started.elapsed().as_secs_f64()
-    );
+    ));
 
     let deadline = Instant::now() + options.timeout;
-    complete_registration(&catalog, registration, consistent_point, deadline).await?;
+    complete_registration(progress, &catalog, registration, consistent_point, deadline).await?;
     let position = current_wal_position(&catalog).await?;
-    wait_source_confirmed(&catalog, &config.postgres.slot, position, deadline).await?;
-    println!("stream position: {position} is in Kafka");
+    wait_source_confirmed(
+        progress,
+        &catalog,
+        &config.postgres.slot,
+        position,
+        deadline,
+    )
+    .await?;
+    progress.line(format_args!("stream position: {position} is in Kafka"));
     let end = main_group.high_watermarks().await?;
 
     let mut report = BackfillReport {
@@ -233,6 +273,7 @@ async fn run_backfill(
     match (rebuild, secondary_sink) {
         (Some(rebuild), Some(secondary)) => {
             let outcome = finish_rebuild(
+                progress,
                 &search,
                 &alias,
                 &rebuild,
@@ -251,39 +292,39 @@ async fn run_backfill(
             leftovers.group = None;
             if options.delete_old {
                 delete_index(&search, &rebuild.old_index).await?;
-                println!("deleted the old index {}", rebuild.old_index);
+                progress.line(format_args!("deleted the old index {}", rebuild.old_index));
             } else {
-                println!(
+                progress.line(format_args!(
                     "the old index {} is kept; delete it once you no longer need it: curl -X DELETE {}/{}",
                     rebuild.old_index,
                     config.elasticsearch.url.trim_end_matches('/'),
                     rebuild.old_index
-                );
+                ));
             }
             report.old_index = Some(rebuild.old_index);
         }
         _ => {
-            wait_group(&main_group, "the sink", &end, deadline).await?;
+            wait_group(progress, &main_group, "the sink", &end, deadline).await?;
             if options.filter.is_none() {
                 let removed = remove_older_documents(&search, &alias, version).await?;
-                println!(
+                progress.line(format_args!(
                     "removed {removed} documents whose rows no longer exist (stored commit LSN below {version})"
-                );
+                ));
                 report.removed = Some(removed);
             }
         }
     }
     let now = main_group.high_watermarks().await?;
-    report.stream_lag = lag(&main_group.committed().await?, &now);
+    report.stream_lag = main_group.behind(&now).await?;
     report.duration = started.elapsed();
-    println!(
+    progress.line(format_args!(
         "backfill of {qualified} done: {} rows copied, consistent point {}, stream lag {} events (sink group {}), {:.1} s",
         report.rows,
         report.consistent_point,
         report.stream_lag,
         config.sink.group_id,
         report.duration.as_secs_f64()
-    );
+    ));
     Ok(report)
 }
 
@@ -409,11 +450,11 @@ async fn copy_rows(
             _ = ticker.tick() => {
                 let rows = copied.load(Ordering::Relaxed);
                 let rate = rows as f64 / started.elapsed().as_secs_f64().max(0.001);
-                println!(
+                options.progress.line(format_args!(
                     "copying {}: {rows} rows, {rate:.0} rows/s{}",
                     table.qualified_name(),
                     eta(rows, rate, estimate)
-                );
+                ));
             }
         }
     };
@@ -462,6 +503,7 @@ async fn current_wal_position(catalog: &Catalog) -> anyhow::Result<Lsn> {
 /// must not let that row come back (design invariant 5, `crate::postgres::copy_registry`).
 /// `catalog`'s session holds the registration until the backfill ends.
 async fn register_with_source(
+    progress: &dyn Progress,
     catalog: &Catalog,
     slot: &str,
     schema: &str,
@@ -486,9 +528,9 @@ async fn register_with_source(
             REGISTRATION_WAIT.as_secs()
         );
     }
-    println!(
+    progress.line(format_args!(
         "registered with the source: deletes of {schema}.{table} become soft tombstones until the copy is complete"
-    );
+    ));
     Ok(registration)
 }
 
@@ -513,6 +555,7 @@ async fn wait_while(
 /// control records after every delete it marked, and the sink purges the soft tombstones when
 /// it reaches them), waits for it, and removes the registration.
 async fn complete_registration(
+    progress: &dyn Progress,
     catalog: &Catalog,
     registration: CopyRegistration,
     consistent_point: Lsn,
@@ -533,14 +576,15 @@ async fn complete_registration(
         ),
     }
     registration.remove(client).await?;
-    println!(
+    progress.line(format_args!(
         "the source wrote the copy's control records: soft tombstones are purged as the sink reaches them"
-    );
+    ));
     Ok(())
 }
 
 /// Waits until the pipeline's slot confirmed `position` (`Catalog::wait_slot_confirmed`).
 async fn wait_source_confirmed(
+    progress: &dyn Progress,
     catalog: &Catalog,
     slot_name: &str,
     position: Lsn,
@@ -550,9 +594,9 @@ async fn wait_source_confirmed(
     let outcome = catalog
         .wait_slot_confirmed(slot_name, position, deadline, |confirmed| {
             if last_print.elapsed() >= PROGRESS_INTERVAL {
-                println!(
+                progress.line(format_args!(
                     "waiting for the source: slot {slot_name} confirmed {confirmed}, target {position}"
-                );
+                ));
                 last_print = Instant::now();
             }
         })
@@ -635,44 +679,39 @@ impl GroupOffsets {
         Ok(list)
     }
 
-    /// The next offset of every partition (the end of the topic now).
-    async fn high_watermarks(&self) -> anyhow::Result<Vec<i64>> {
-        let (topic, partitions) = (self.topic.clone(), self.partitions.clone());
-        blocking(Arc::clone(&self.consumer), move |consumer| {
-            partitions
-                .iter()
-                .map(|partition| {
-                    consumer
-                        .fetch_watermarks(&topic, *partition, KAFKA_TIMEOUT)
-                        .map(|(_, high)| high)
-                })
-                .collect::<Result<Vec<i64>, _>>()
-        })
-        .await
-        .with_context(|| format!("cannot read the end offsets of topic {}", self.topic))
-    }
-
-    /// The group's committed offsets (0 where it committed none).
-    async fn committed(&self) -> anyhow::Result<Vec<i64>> {
-        let list = self.list(None)?;
-        let committed = blocking(Arc::clone(&self.consumer), move |consumer| {
-            consumer.committed_offsets(list, KAFKA_TIMEOUT)
-        })
-        .await
-        .with_context(|| format!("cannot read the committed offsets of group {}", self.group))?;
-        Ok(self
+    /// Where the group stands on every partition (kafka::consumer's one definition).
+    async fn positions(&self) -> anyhow::Result<Vec<GroupPosition>> {
+        let partitions: Vec<(String, i32)> = self
             .partitions
             .iter()
-            .map(|partition| {
-                committed
-                    .find_partition(&self.topic, *partition)
-                    .and_then(|element| match element.offset() {
-                        Offset::Offset(offset) => Some(offset),
-                        _ => None,
-                    })
-                    .unwrap_or(0)
-            })
-            .collect())
+            .map(|partition| (self.topic.clone(), *partition))
+            .collect();
+        blocking(Arc::clone(&self.consumer), move |consumer| {
+            group_positions(consumer, &partitions, KAFKA_TIMEOUT)
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "cannot read the position of group {} on topic {}",
+                self.group, self.topic
+            )
+        })
+    }
+
+    /// The next offset of every partition (the end of the topic now).
+    async fn high_watermarks(&self) -> anyhow::Result<Vec<i64>> {
+        Ok(self.positions().await?.iter().map(|p| p.high).collect())
+    }
+
+    /// Events the group has still to apply to reach `target`, summed over partitions.
+    async fn behind(&self, target: &[i64]) -> anyhow::Result<u64> {
+        Ok(self
+            .positions()
+            .await?
+            .iter()
+            .zip(target)
+            .map(|(position, target)| position.behind(*target))
+            .sum())
     }
 
     /// Commits `offsets` for the group (which has no members yet).
@@ -693,17 +732,9 @@ async fn blocking<T: Send + 'static>(
     Ok(tokio::task::spawn_blocking(move || work(&consumer)).await??)
 }
 
-/// Events between `committed` and `target`, summed over partitions.
-fn lag(committed: &[i64], target: &[i64]) -> u64 {
-    committed
-        .iter()
-        .zip(target)
-        .map(|(committed, target)| (target - committed).max(0) as u64)
-        .sum()
-}
-
 /// Waits until `group` committed at least `target` on every partition, printing its lag.
 async fn wait_group(
+    progress: &dyn Progress,
     group: &GroupOffsets,
     who: &str,
     target: &[i64],
@@ -711,8 +742,7 @@ async fn wait_group(
 ) -> anyhow::Result<()> {
     let mut last_print = Instant::now();
     loop {
-        let committed = group.committed().await?;
-        let behind = lag(&committed, target);
+        let behind = group.behind(target).await?;
         if behind == 0 {
             return Ok(());
         }
@@ -725,10 +755,10 @@ async fn wait_group(
             );
         }
         if last_print.elapsed() >= PROGRESS_INTERVAL {
-            println!(
+            progress.line(format_args!(
                 "waiting for {who} (group {}): {behind} events behind",
                 group.group
-            );
+            ));
             last_print = Instant::now();
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -797,6 +827,7 @@ async fn start_secondary_sink(
 /// topic's end as of the swap (see the module doc). Clears `unswapped` once the alias moved.
 #[allow(clippy::too_many_arguments)]
 async fn finish_rebuild(
+    progress: &dyn Progress,
     search: &Elasticsearch,
     alias: &str,
     rebuild: &Rebuild,
@@ -806,18 +837,19 @@ async fn finish_rebuild(
     deadline: Instant,
     unswapped: &mut Option<String>,
 ) -> anyhow::Result<()> {
-    wait_secondary(rebuild, secondary, end, deadline).await?;
+    wait_secondary(progress, rebuild, secondary, end, deadline).await?;
     // Searches see only refreshed documents: make the new index's writes visible before it
     // takes the alias, or a search right after the swap could count fewer documents.
     index::refresh(search, &rebuild.into).await?;
     swap_alias(search, alias, &rebuild.old_index, &rebuild.into).await?;
     *unswapped = None;
-    println!(
+    progress.line(format_args!(
         "swapped alias {alias}: {} -> {}",
         rebuild.old_index, rebuild.into
-    );
+    ));
     let end_at_swap = main_group.high_watermarks().await?;
     wait_secondary(
+        progress,
         rebuild,
         secondary,
         &end_at_swap,
@@ -828,12 +860,19 @@ async fn finish_rebuild(
 
 /// Waits until the second sink committed `target`, or fails as soon as it stopped.
 async fn wait_secondary(
+    progress: &dyn Progress,
     rebuild: &Rebuild,
     secondary: &SecondarySink,
     target: &[i64],
     deadline: Instant,
 ) -> anyhow::Result<()> {
-    let catch_up = wait_group(&rebuild.offsets, "the new index's sink", target, deadline);
+    let catch_up = wait_group(
+        progress,
+        &rebuild.offsets,
+        "the new index's sink",
+        target,
+        deadline,
+    );
     tokio::pin!(catch_up);
     loop {
         tokio::select! {
@@ -999,11 +1038,5 @@ mod tests {
         assert_eq!(eta(2_000, 100.0, Some(1_500)), " of about 1500, ETA 0 s");
         assert_eq!(eta(500, 100.0, None), "");
         assert_eq!(eta(0, 0.0, Some(1_500)), "");
-    }
-
-    #[test]
-    fn lag_counts_only_what_is_behind_the_target() {
-        assert_eq!(lag(&[5, 10, 0], &[7, 10, 3]), 5);
-        assert_eq!(lag(&[9], &[7]), 0, "past the target is not negative lag");
     }
 }

@@ -3,14 +3,19 @@
 //! Data flows one way, and the modules follow it:
 //!
 //! ```text
-//!   WAL ──► postgres ──► event ──► kafka ──► sink ──► Elasticsearch
-//!          (replication,  (the     (topics,   (bulk,
-//!           pgoutput,     change    producer,  versions,
-//!           types, slots, envelope) consumer)  deletes)
-//!           snapshots)
+//!   WAL ──► postgres ──────► kafka ──► sink ──► Elasticsearch
+//!          (replication,      (topics,   (bulk,
+//!           pgoutput, types,   producer,  versions,
+//!           slots, writing     consumer)  deletes, TOAST fills)
+//!           events)
+//!                 └── event ──┘  the model both sides share (envelope, key, headers)
 //! ```
 //!
-//! `source` wires the first half (WAL → Kafka) together and owns the confirmation loop.
+//! `postgres` and `kafka` each depend on `event` and never on each other. `source` wires the
+//! first half (WAL → Kafka) together and owns the confirmation loop; what needs both
+//! PostgreSQL and Kafka (the snapshot's copy, the tables being copied) lives under it.
+//! `sink` reads from Kafka and writes to the search server; it re-reads rows from PostgreSQL
+//! through the `event::rows::RowSource` contract, which `postgres` implements.
 //! `backfill` re-copies one table beside the running pipeline (`walsync backfill`).
 //! `shell` is the operational shell around that path (the roof): the CLI, the operator's
 //! commands (`check`, `slot`, `verify`) and the HTTP endpoints.

@@ -90,6 +90,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 into: args.into,
                 delete_old: args.delete_old,
                 timeout: std::time::Duration::from_secs(args.timeout),
+                progress: std::sync::Arc::new(walsync::backfill::PrintLines),
             };
             walsync::backfill::run(config, options).await?;
             Ok(ExitCode::SUCCESS)

@@ -8,6 +8,15 @@
 //! - the status task sends standby status updates on a timer (and when the server asks),
 //!   whatever the reader is doing, with the flush LSN from the [`FlushFrontier`]: only what
 //!   Kafka has acknowledged is ever confirmed (design invariant 3).
+//!
+//! Its parts that need both sides: `snapshot` (the consistent initial copy and backfills,
+//! read from PostgreSQL and produced to Kafka at `cp − 1`) and `copies` (the tables being
+//! copied, whose deletes become soft tombstones, and the backfills other processes register).
+//! Living here, they keep the PostgreSQL side free of Kafka and the Kafka side free of
+//! PostgreSQL.
+
+pub mod copies;
+pub mod snapshot;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,9 +28,8 @@ use futures_util::future::BoxFuture;
 use tokio::sync::{Notify, watch};
 
 use crate::config::{Config, SnapshotMode};
-use crate::event::{EventWriter, Op, RowChange, SnapshotMarker, SourceInfo, TableRoute, TxContext};
+use crate::event::{Op, SnapshotMarker, SourceInfo, TxContext};
 use crate::health::HEALTH;
-use crate::kafka::copies::{CopiesInProgress, RegistryFollower};
 use crate::kafka::frontier::{FlushFrontier, TxAcks};
 use crate::kafka::producer::EventProducer;
 use crate::kafka::topics;
@@ -29,6 +37,7 @@ use crate::lsn::Lsn;
 use crate::metrics::{CommitTimes, SourceCounters, record_source_progress};
 use crate::postgres::catalog::Catalog;
 use crate::postgres::copy_registry::RegistryError;
+use crate::postgres::events::{EventWriter, RowChange, TableRoute};
 use crate::postgres::pgoutput::{self, LogicalMessage, OldTuple, Relations};
 use crate::postgres::replication::frames::{ReplicationMessage, StatusUpdate};
 use crate::postgres::replication::{
@@ -36,9 +45,9 @@ use crate::postgres::replication::{
     StatusSender,
 };
 use crate::postgres::slot::{self, CapturedTable};
-use crate::postgres::snapshot;
 use crate::postgres::types::{Codec, CodecOptions};
 use crate::retry::{Backoff, Disposition};
+use crate::source::copies::{CopiesInProgress, RegistryFollower};
 
 /// How the source ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -816,7 +825,7 @@ impl Reader<'_> {
 }
 
 /// The copy hooks that turn deletes during a copy into soft tombstones, purged once the copy's
-/// rows are all in Kafka (design invariant 5, `crate::kafka::copies`).
+/// rows are all in Kafka (design invariant 5, `crate::source::copies`).
 struct SoftTombstoneHooks(Arc<CopiesInProgress>);
 
 impl snapshot::CopyHooks for SoftTombstoneHooks {

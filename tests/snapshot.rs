@@ -12,14 +12,15 @@ use common::pipeline::{RunningPipeline, pipeline_config, wait_equal};
 use common::source::{RunningSource, config_for, drop_slot, name, sql, wait_copy_recorded};
 use common::{admin_client, wait_for};
 use walsync::config::{Config, SnapshotMode};
-use walsync::event::{EventWriter, SourceInfo};
+use walsync::event::SourceInfo;
 use walsync::kafka::producer::EventProducer;
 use walsync::lsn::Lsn;
 use walsync::postgres::catalog::Catalog;
+use walsync::postgres::events::EventWriter;
 use walsync::postgres::replication::ReplicationClient;
 use walsync::postgres::slot::CapturedTable;
-use walsync::postgres::snapshot::{self, CopyJob, CopyTarget, NoHooks, SnapshotSettings};
 use walsync::postgres::types::{Codec, CodecOptions};
+use walsync::source::snapshot::{self, CopyJob, CopyTarget, NoHooks, SnapshotSettings};
 
 /// Counts the `r` (snapshot) events on a topic, reading until `expected_total` records.
 /// The number of snapshot rows (`r`) and of all change records in the whole topic; call it once
@@ -328,7 +329,7 @@ async fn copy_against_cursor() {
     use bytes::Bytes;
     use futures_util::StreamExt;
     use walsync::postgres::pgoutput::TupleValue;
-    use walsync::postgres::snapshot::copy_text::decode_row;
+    use walsync::source::snapshot::copy_text::decode_row;
 
     const ROWS: i64 = 200_000;
     let name = name("snap_bench");

@@ -414,6 +414,7 @@ async fn deletes_during_a_backfill_never_bring_rows_back_and_no_tombstone_outliv
             into: None,
             delete_old: false,
             timeout: Duration::from_secs(300),
+            progress: std::sync::Arc::new(walsync::backfill::PrintLines),
         },
     ));
     wait_for(

@@ -259,8 +259,103 @@ impl ConsumerContext for GroupContext {
     }
 }
 
+/// Where a consumer group stands on one partition: the one definition of lag and of "nothing
+/// committed", used by the sink's health probe, `walsync verify` and `walsync backfill`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupPosition {
+    pub topic: String,
+    pub partition: i32,
+    /// The group's committed offset; `None` when it committed nothing on the partition.
+    pub committed: Option<i64>,
+    /// The partition's log start and end (the next offset to be written).
+    pub low: i64,
+    pub high: i64,
+}
+
+impl GroupPosition {
+    /// The next offset the group applies: its committed offset, or — nothing committed — the log
+    /// start, where the sink starts a partition it never committed
+    /// ([`start_uncommitted_at_the_beginning`]).
+    pub fn next(&self) -> i64 {
+        self.committed.unwrap_or(self.low)
+    }
+
+    /// Records from the group's next offset up to `target` (an end offset read earlier).
+    pub fn behind(&self, target: i64) -> u64 {
+        u64::try_from(target - self.next()).unwrap_or(0)
+    }
+
+    /// Records from the group's next offset to the end of the partition now.
+    pub fn lag(&self) -> u64 {
+        self.behind(self.high)
+    }
+}
+
+/// The positions of the group `consumer` belongs to on `partitions`: the committed offsets in
+/// one request, then each partition's watermarks. Blocking (run it on a blocking thread);
+/// fails on the first answer that does not come within `timeout`.
+pub fn group_positions<C: ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    partitions: &[(String, i32)],
+    timeout: Duration,
+) -> KafkaResult<Vec<GroupPosition>> {
+    let mut list = TopicPartitionList::new();
+    for (topic, partition) in partitions {
+        list.add_partition(topic, *partition);
+    }
+    let committed = consumer.committed_offsets(list, timeout)?;
+    partitions
+        .iter()
+        .map(|(topic, partition)| {
+            let (low, high) = consumer.fetch_watermarks(topic, *partition, timeout)?;
+            let committed = committed
+                .find_partition(topic, *partition)
+                .and_then(|element| match element.offset() {
+                    Offset::Offset(offset) => Some(offset),
+                    _ => None,
+                });
+            Ok(GroupPosition {
+                topic: topic.clone(),
+                partition: *partition,
+                committed,
+                low,
+                high,
+            })
+        })
+        .collect()
+}
+
 /// An offset commit failed. After a rebalance the partition may belong to another consumer, which
 /// re-applies from the last commit: harmless, versions make it idempotent.
 pub fn warn_commit_failed(error: &KafkaError) {
     tracing::warn!(%error, "offset commit failed; the events will be applied again (idempotent)");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn position(committed: Option<i64>, low: i64, high: i64) -> GroupPosition {
+        GroupPosition {
+            topic: "t".into(),
+            partition: 0,
+            committed,
+            low,
+            high,
+        }
+    }
+
+    #[test]
+    fn nothing_committed_means_the_log_start() {
+        // Retention removed offsets 0..40: a new group starts at 40, not at 0.
+        assert_eq!(position(None, 40, 100).lag(), 60);
+        assert_eq!(position(None, 100, 100).lag(), 0, "nothing to read");
+        assert_eq!(position(Some(90), 40, 100).lag(), 10);
+        assert_eq!(
+            position(Some(100), 40, 100).behind(95),
+            0,
+            "past the target"
+        );
+        assert_eq!(position(Some(50), 40, 100).behind(95), 45);
+    }
 }

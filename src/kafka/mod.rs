@@ -10,7 +10,6 @@
 
 pub mod consumer;
 pub mod control;
-pub mod copies;
 pub mod frontier;
 pub mod producer;
 pub mod topics;

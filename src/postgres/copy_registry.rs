@@ -1,7 +1,7 @@
 //! The registry of copies that run in another process than the source (`walsync backfill`):
 //! rows of `walsync.copy_registrations` through which such a copy and the source streaming its
 //! slot agree on when the table's deletes become soft tombstones and when those are purged
-//! (design invariant 5; the in-process side is `crate::kafka::copies`).
+//! (design invariant 5; the in-process side is `crate::source::copies`).
 //!
 //! The handshake, one row per copy:
 //! 1. The copy inserts its row (`requested`) and, in the same statement, takes a session

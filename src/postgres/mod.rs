@@ -6,17 +6,17 @@
 //! - `types`: the codec from Postgres text values to JSON, shared by streaming and snapshots.
 //! - `catalog`: the metadata connection (settings, privileges, tables, slots, publications).
 //! - `slot`: replication slot and publication management, preflight checks, migrations.
-//! - `snapshot`: the consistent initial copy and backfills, versioned at `cp − 1`.
 //! - `copy_registry`: how a backfill in another process tells the source it is copying.
 //! - `row_reader`: re-reads one row by its key for the sink's TOAST fill (bound parameters).
+//! - `events`: writes the event model's records from decoded tuples and copied rows.
 
 pub mod catalog;
 pub mod copy_registry;
+pub mod events;
 pub mod pgoutput;
 pub mod replication;
 pub mod row_reader;
 pub mod slot;
-pub mod snapshot;
 pub mod types;
 
 use crate::retry::Disposition;

@@ -28,11 +28,12 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use metrics_exporter_prometheus::PrometheusHandle;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{Offset, TopicPartitionList};
+
 use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::health::{HEALTH, Roles};
+use crate::kafka::consumer::group_positions;
 use crate::kafka::producer::client_config;
 use crate::kafka::topics;
 use crate::metrics;
@@ -240,32 +241,17 @@ fn report_consumer_lag(consumer: &BaseConsumer, before: Vec<(String, i32)>) -> V
     if assignment.is_empty() {
         return assignment;
     }
-    let mut partitions = TopicPartitionList::new();
-    for (topic, partition) in &assignment {
-        partitions.add_partition(topic, *partition);
-    }
-    let committed = match consumer.committed_offsets(partitions, PROBE_TIMEOUT) {
-        Ok(committed) => committed,
+    let positions = match group_positions(consumer, &assignment, PROBE_TIMEOUT) {
+        Ok(positions) => positions,
         Err(error) => {
-            tracing::debug!(%error, "cannot read the sink's committed offsets");
+            // A slow answer means Kafka is struggling: the probe does not wait on it.
+            tracing::debug!(%error, "cannot read the sink's position");
             return assignment;
         }
     };
-    for element in committed.elements() {
-        // One slow answer means Kafka is struggling: stop here rather than hold up the
-        // readiness probe on the same thread for every partition.
-        let Ok((low, high)) =
-            consumer.fetch_watermarks(element.topic(), element.partition(), PROBE_TIMEOUT)
-        else {
-            break;
-        };
-        // Nothing committed yet: the sink starts from the oldest retained offset.
-        let position = match element.offset() {
-            Offset::Offset(offset) => offset,
-            _ => low,
-        };
-        ::metrics::gauge!(metrics::SINK_CONSUMER_LAG, "topic" => element.topic().to_owned(), "partition" => element.partition().to_string())
-            .set((high - position).max(0) as f64);
+    for position in positions {
+        ::metrics::gauge!(metrics::SINK_CONSUMER_LAG, "topic" => position.topic.clone(), "partition" => position.partition.to_string())
+            .set(position.lag() as f64);
     }
     assignment
 }

@@ -28,22 +28,22 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use elasticsearch::Elasticsearch;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{Offset, TopicPartitionList};
 
 use crate::config::split_table_name;
 use crate::config::{Config, TableConfig};
+use crate::kafka::consumer::group_positions;
 use crate::kafka::producer::client_config;
 use crate::kafka::topics::topic_name;
 use crate::lsn::Lsn;
 use crate::postgres::catalog::{Catalog, SlotWait};
 use crate::postgres::replication::{ConnectParams, quote_identifier};
-use crate::postgres::snapshot;
 use crate::postgres::types::CodecOptions;
 use crate::shell::cli::VerifyArgs;
 use crate::sink::compare::{
     CompareError, ComparisonOptions, ComparisonReport, ComparisonTarget, compare_table,
 };
 use crate::sink::index::{alias_name, build_client, refresh};
+use crate::source::snapshot;
 
 /// Exit code when verify found divergence.
 const DIVERGENCE: u8 = 1;
@@ -314,54 +314,40 @@ fn wait_for_sink(
     let consumer: BaseConsumer = consumer_config
         .create()
         .context("cannot create the Kafka client for the offset check (kafka.brokers)")?;
-    // (topic, partition, low watermark, high watermark)
-    let mut marks: Vec<(String, i32, i64, i64)> = Vec::new();
+    let mut partitions: Vec<(String, i32)> = Vec::new();
     for topic in topics {
         let metadata = consumer
             .fetch_metadata(Some(topic), KAFKA_REQUEST_TIMEOUT)
             .with_context(|| format!("cannot read the metadata of topic {topic}"))?;
-        let partitions = metadata
+        let count = metadata
             .topics()
             .first()
             .map(|topic| topic.partitions().len() as i32)
             .unwrap_or(0);
-        for partition in 0..partitions {
-            let (low, high) = consumer
-                .fetch_watermarks(topic, partition, KAFKA_REQUEST_TIMEOUT)
-                .with_context(|| format!("cannot read the watermarks of {topic}[{partition}]"))?;
-            marks.push((topic.clone(), partition, low, high));
-        }
+        partitions.extend((0..count).map(|partition| (topic.clone(), partition)));
     }
-    let mut list = TopicPartitionList::new();
-    for (topic, partition, _, _) in &marks {
-        list.add_partition(topic, *partition);
-    }
+    let read_positions = || {
+        group_positions(&consumer, &partitions, KAFKA_REQUEST_TIMEOUT)
+            .with_context(|| format!("cannot read the position of group {group}"))
+    };
+    // The ends as of now: what the sink must have applied.
+    let targets: Vec<i64> = read_positions()?.iter().map(|p| p.high).collect();
     let start = Instant::now();
     loop {
-        let committed = consumer
-            .committed_offsets(list.clone(), KAFKA_REQUEST_TIMEOUT)
-            .with_context(|| format!("cannot read the committed offsets of group {group}"))?;
-        let behind: Vec<String> = marks
+        let behind: Vec<String> = read_positions()?
             .iter()
-            .filter_map(|(topic, partition, low, high)| {
-                let offset = committed
-                    .find_partition(topic, *partition)
-                    .and_then(|element| match element.offset() {
-                        Offset::Offset(offset) => Some(offset),
-                        _ => None,
-                    });
-                let caught_up = match offset {
-                    Some(offset) => offset >= *high,
-                    // Nothing committed: fine only when there is nothing to read.
-                    None => high <= low,
-                };
-                (!caught_up).then(|| {
-                    format!(
-                        "{topic}[{partition}] committed {} of {high} ({} behind)",
-                        offset.map_or_else(|| "nothing".into(), |o| o.to_string()),
-                        high - offset.unwrap_or(*low)
-                    )
-                })
+            .zip(&targets)
+            .filter(|(position, target)| position.behind(**target) > 0)
+            .map(|(position, target)| {
+                format!(
+                    "{}[{}] committed {} of {target} ({} behind)",
+                    position.topic,
+                    position.partition,
+                    position
+                        .committed
+                        .map_or_else(|| "nothing".into(), |o| o.to_string()),
+                    position.behind(*target)
+                )
             })
             .collect();
         if behind.is_empty() {

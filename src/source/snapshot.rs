@@ -47,11 +47,12 @@ use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 
 use crate::config::SnapshotConfig;
-use crate::event::{EventWriter, Op, RowChange, SnapshotMarker, TableRoute, TxContext};
+use crate::event::{Op, SnapshotMarker, TxContext};
 use crate::kafka::frontier::TxAcks;
 use crate::kafka::producer::EventProducer;
 use crate::lsn::Lsn;
 use crate::postgres::catalog::Catalog;
+use crate::postgres::events::{EventWriter, RowChange, TableRoute};
 use crate::postgres::pgoutput::{Column, Relation, ReplicaIdentity, TupleValue};
 use crate::postgres::replication::{
     ConnectParams, ReplicationClient, SlotSnapshot, quote_identifier, quote_literal,
@@ -90,7 +91,7 @@ impl SnapshotSettings {
 }
 
 /// Where a table's copy starts and where it is complete. The soft tombstones of deletes
-/// during copies (design invariant 5, `crate::kafka::copies`) hang on these.
+/// during copies (design invariant 5, `crate::source::copies`) hang on these.
 pub trait CopyHooks: Send + Sync {
     /// Called for each table to be copied in this process run, before the snapshot its first
     /// rows are read under exists (so before any of its rows is produced, and before any
