@@ -60,7 +60,17 @@ pub enum SourceExit {
 }
 
 /// Captured tables by (schema, name): their topic and key column names.
-type RouteTargets = HashMap<(String, String), (Arc<str>, Vec<String>)>;
+/// Each captured table by `(schema, name)`: its topic, its key columns and the relation OID the
+/// name had when the source started.
+type RouteTargets = HashMap<(String, String), RouteTarget>;
+
+struct RouteTarget {
+    topic: Arc<str>,
+    key_names: Vec<String>,
+    /// The relation captured under the name: a Relation message of another OID under it is
+    /// another table ([`Reader::refuse_another_relation_under`]).
+    oid: u32,
+}
 
 /// How long a requested stop waits for Kafka to acknowledge what was handed to it.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(30);
@@ -121,7 +131,11 @@ pub async fn run(config: Config, mut stop: watch::Receiver<bool>) -> anyhow::Res
         .map(|(table, topic)| {
             (
                 (table.info.schema.clone(), table.info.name.clone()),
-                (Arc::from(topic.as_str()), table.key_columns.clone()),
+                RouteTarget {
+                    topic: Arc::from(topic.as_str()),
+                    key_names: table.key_columns.clone(),
+                    oid: table.info.oid,
+                },
             )
         })
         .collect();
@@ -299,7 +313,21 @@ async fn stream_once(
     tokio::time::sleep(Duration::from_millis(50)).await;
     status_task.abort();
     let _ = status_task.await;
-    outcome?;
+    // A stop on an error says whether everything sent before it reached Kafka: an operator
+    // told to move the slot past a point must know that nothing before it is still unsent.
+    // (A transient failure is retried, and says nothing to an operator.)
+    if let Err(error) = outcome {
+        if is_transient(&error) {
+            return Err(error);
+        }
+        return Err(error.context(match &drained {
+            Ok(()) => "Kafka acknowledged every event sent before the stop".to_owned(),
+            Err(error) => format!(
+                "Kafka did NOT acknowledge every event sent before the stop ({error}): do not move the slot; \
+                 start again once Kafka answers, and they are sent again"
+            ),
+        }));
+    }
     let confirmed = shared
         .frontier
         .lock()
@@ -371,12 +399,10 @@ async fn prepare_snapshot(
         .into_iter()
         .filter_map(|table| {
             let key = (table.info.schema.clone(), table.info.name.clone());
-            routes_by_name
-                .get(&key)
-                .map(|(topic, _)| snapshot::CopyTarget {
-                    table,
-                    topic: Arc::clone(topic),
-                })
+            routes_by_name.get(&key).map(|target| snapshot::CopyTarget {
+                table,
+                topic: Arc::clone(&target.topic),
+            })
         })
         .collect();
     if targets.is_empty() {
@@ -583,9 +609,13 @@ impl Reader<'_> {
                 let key = (relation.namespace.clone(), relation.name.clone());
                 let relation = self.relations.apply(relation);
                 match self.routes_by_name.get(&key) {
-                    Some((topic, key_names)) => {
-                        self.refuse_another_relation_under(&relation, &key, lsn)?;
-                        let route = TableRoute::new(relation, Arc::clone(topic), key_names)?;
+                    Some(target) => {
+                        self.refuse_another_relation_under(&relation, target, &key, lsn)?;
+                        let route = TableRoute::new(
+                            relation,
+                            Arc::clone(&target.topic),
+                            &target.key_names,
+                        )?;
                         self.routes.insert(route.relation.oid, route);
                     }
                     None => self.follow_renamed_table(relation, &key)?,
@@ -776,42 +806,41 @@ impl Reader<'_> {
         Ok(())
     }
 
-    /// A configured name now belongs to another relation than the one captured under it in this
-    /// stream: a captured table renamed onto it (two tables swapping names), or the table
-    /// dropped and created again. Its events would go on to the same topic and index, whose
-    /// documents are the other relation's rows (a drop sends no deletes), so the source stops
-    /// before sending any of them, with the way out (docs/runbook.md, "Schema changes").
+    /// A configured name now belongs to another relation than the one captured under it (the OID
+    /// the name had when the source started): a captured table renamed onto it (two tables
+    /// swapping names), the table dropped and created again, or another table renamed onto its
+    /// name — also while the source was stopped, when the stream resumes before the change. Its
+    /// events would go on to the same topic and index, whose documents are the other relation's
+    /// rows (a drop sends no deletes), so the source stops before sending any of them, with the
+    /// way out (docs/runbook.md, "Schema changes").
     fn refuse_another_relation_under(
         &self,
         relation: &crate::postgres::pgoutput::Relation,
+        target: &RouteTarget,
         name: &(String, String),
         lsn: Lsn,
     ) -> anyhow::Result<()> {
+        if relation.oid == target.oid {
+            return Ok(());
+        }
         let new_name = format!("{}.{}", name.0, name.1);
-        let named = |route: &TableRoute| {
-            route.relation.namespace == name.0 && route.relation.name == name.1
-        };
-        let what = if let Some(previous) = self.routes.get(&relation.oid).filter(|r| !named(r)) {
-            format!(
+        let what = match self.routes.get(&relation.oid) {
+            Some(previous) => format!(
                 "captured table {}.{} was renamed to {new_name}, the name of another captured table",
                 previous.relation.namespace, previous.relation.name
-            )
-        } else if self
-            .routes
-            .iter()
-            .any(|(oid, route)| *oid != relation.oid && named(route))
-        {
-            format!(
-                "captured table {new_name} was dropped and created again (or another table took its name)"
-            )
-        } else {
-            return Ok(());
+            ),
+            None => format!(
+                "the table named {new_name} in the WAL (relation {}) is not the one walsync started with (relation {}): \
+                 it was dropped and created again, renamed, or another table took its name",
+                relation.oid, target.oid
+            ),
         };
         anyhow::bail!(
-            "{what} at WAL position {lsn}; nothing after it was sent. The indices of the tables involved hold the rows of \
-             the relations they had before. Let the sink apply what their topics hold, move the slot past this point \
-             (SELECT pg_replication_slot_advance('<postgres.slot>', '{lsn}')), start again, and rebuild each involved table's \
-             index with `walsync backfill <table> --into <new index>` (docs/runbook.md, \"Schema changes\")"
+            "{what}, at WAL position {lsn}; nothing of it was sent. The indices of the tables involved hold the rows of \
+             the relations they had before. Once this process has exited and said that Kafka acknowledged everything, \
+             move the slot past this point (SELECT pg_replication_slot_advance('<postgres.slot>', '{lsn}')), start again, \
+             and rebuild each involved table's index with `walsync backfill <table> --into <new index>` \
+             (docs/runbook.md, \"Schema changes\")"
         )
     }
 

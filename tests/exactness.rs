@@ -561,6 +561,36 @@ async fn the_re_read_follows_key_columns_retyped_after_it_first_read_the_table()
 }
 
 #[tokio::test]
+async fn a_char_key_is_re_read_by_its_whole_value() {
+    // Cast to bare `character` (char(1)), 'abcde' would be 'a': another row's value.
+    let name = name("exact_char_key");
+    let table = format!("public.{name}");
+    let client = sql().await;
+    toast_table(&client, &table, "id char(5)").await;
+    client
+        .batch_execute(&format!(
+            "INSERT INTO {table} VALUES ('abcde', 'a', {}), ('a', 'b', {})",
+            big("long"),
+            big("short")
+        ))
+        .await
+        .expect("insert");
+    let config = pipeline_config(&name, &[&table]);
+    let pipeline = RunningPipeline::start(config.clone()).await;
+    let wait = || wait_equal(&config, "public", &name, &["id"], Duration::from_secs(60));
+    wait().await;
+    run(
+        &client,
+        &format!("UPDATE {table} SET note = 'c' WHERE id = 'abcde'"),
+        "update the long key",
+    )
+    .await;
+    wait().await;
+    pipeline.stop().await;
+    drop_slot(&name).await;
+}
+
+#[tokio::test]
 async fn the_re_read_follows_an_integer_key_widened_after_it_first_read_the_table() {
     let name = name("exact_reread_int_key");
     let table = format!("public.{name}");

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::kafka::{Consumed, read_topic, read_topic_until, read_whole_topic};
+use common::kafka::{Consumed, read_topic, read_topic_until, read_whole_topic, topic_size};
 use common::source::{RunningSource, config_for, drop_slot, name, sql};
 use serde_json::{Value, json};
 use tokio::sync::watch;
@@ -367,6 +367,54 @@ async fn a_renamed_table_stops_the_source_with_the_fix_and_streams_under_its_new
         "the change after the rename reached the new name's topic, once"
     );
     assert_eq!(source.stop().await, SourceExit::Drained);
+    drop_slot(&name).await;
+}
+
+#[tokio::test]
+async fn a_swap_of_tables_the_stream_has_not_seen_yet_stops_the_source_too() {
+    // No change of either table since the source started: it knows them only by the OIDs the
+    // names had at its start.
+    let name = name("src_swap_unseen");
+    let first = format!("public.{name}_a");
+    let second = format!("public.{name}_b");
+    let client = sql().await;
+    client
+        .batch_execute(&format!(
+            "CREATE TABLE {first} (id int PRIMARY KEY, note text);
+             CREATE TABLE {second} (id int PRIMARY KEY, note text);"
+        ))
+        .await
+        .expect("create the tables");
+    let source = RunningSource::start(config_for(&name, &[&first, &second])).await;
+    client
+        .batch_execute(&format!(
+            "BEGIN;
+             ALTER TABLE {first} RENAME TO {name}_tmp;
+             ALTER TABLE {second} RENAME TO {name}_a;
+             ALTER TABLE public.{name}_tmp RENAME TO {name}_b;
+             COMMIT;
+             INSERT INTO {first} VALUES (1, 'was b');"
+        ))
+        .await
+        .unwrap();
+    let error = source
+        .exited(Duration::from_secs(60))
+        .await
+        .expect_err("the source stops on the swap");
+    let message = format!("{error:#}");
+    assert!(
+        message.contains(&first) && message.contains("is not the one walsync started with"),
+        "{message}"
+    );
+    assert!(
+        message.contains("Kafka acknowledged every event sent before the stop"),
+        "{message}"
+    );
+    assert_eq!(
+        topic_size(&format!("{name}.public.{name}_a")),
+        0,
+        "nothing of the other table reached the topic"
+    );
     drop_slot(&name).await;
 }
 

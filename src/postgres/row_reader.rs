@@ -6,7 +6,7 @@
 //! - **Bound, typed parameters.** The key's values travel as parameters, never as SQL text:
 //!   each is the PostgreSQL input text of the record key's JSON value
 //!   ([`Codec::postgres_text`], the codec's inverse), bound as `text` and cast to the column's
-//!   type (`$1::text::<format_type(type, NULL)>`), so `bytea`, arrays, timestamps and every other key type
+//!   type (`$1::text::<format_type(type, -1)>`), so `bytea`, arrays, timestamps and every other key type
 //!   compare by value and the primary key's index is used. Identifiers are quoted; type names
 //!   come from `format_type`, which quotes them too. Statements are prepared once per table
 //!   and column list.
@@ -30,9 +30,10 @@
 //!   is now (`pg_typeof`): a requested column the cache lacks (added since), a type that
 //!   changed, or a statement refused for a data or type error (a key value the old type cannot
 //!   hold) makes the reader read the catalog (and the types created since) again and retry
-//!   once before it concludes. Key values are cast to the type without its modifier
-//!   (`character varying`, not `character varying(5)`): a cast to an old, shorter length would
-//!   truncate the key and find another row.
+//!   once before it concludes — also before concluding that the row is gone, or that its key
+//!   cannot be read back. Key values are cast to the type without its modifier
+//!   (`character varying`, not `character varying(5)`; `bpchar`, not `character`, which is
+//!   `character(1)`): a cast to a shorter length would truncate the key and find another row.
 //! - **Dispositions.** A connection failure, a restart or an overload (the PostgreSQL rule,
 //!   [`super::disposition`]) is [`RowSourceError::Transient`] (the caller waits and retries,
 //!   with a fresh connection); a table or key column that no longer exists, or a key that
@@ -67,7 +68,8 @@ struct Connection {
     catalog: Catalog,
     codec: Codec,
     /// By `(schema, table)`: column name → (type OID, the type's name without its modifier:
-    /// `character varying`, not `character varying(5)`, which a cast would truncate to).
+    /// `character varying`, not `character varying(5)`, which a cast would truncate to; and
+    /// `bpchar`, not `character`, which means `character(1)` — `format_type(oid, -1)`).
     columns: HashMap<(String, String), HashMap<String, (u32, String)>>,
     statements: HashMap<String, Statement>,
 }
@@ -160,6 +162,56 @@ enum Attempt {
     NotVisibleYet,
 }
 
+/// What the commit log says of a full transaction id (`pg_xact_status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum XactStatus {
+    Committed,
+    Aborted,
+    InProgress,
+    /// Older than the commit log keeps: finished long ago.
+    Forgotten,
+    /// Not assigned yet.
+    Future,
+}
+
+/// The outcome for an event whose transaction the statement's snapshot does not show.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Invisible {
+    /// Committed or in progress: its commit waits (for a synchronous standby, say).
+    Wait,
+    /// It is in the epoch before the one nearest xmax, long committed: the row read is valid.
+    VisibleAfterAll,
+}
+
+/// Why an event's transaction can never become visible.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Never {
+    RolledBack,
+    Assigned,
+}
+
+/// Decides on an invisible transaction from the status of its nearest candidate and, when that
+/// one is not assigned yet, of the candidate one epoch earlier. The nearest candidate is right
+/// for every event less than 2³¹ transactions old; an older event (a compacted topic replayed,
+/// a sink far behind) has its id in the epoch before. The stream carries committed
+/// transactions only, so an earlier candidate that is committed or forgotten is the event's.
+fn invisibility_verdict(
+    nearest: XactStatus,
+    older: Option<XactStatus>,
+) -> Result<Invisible, Never> {
+    match (nearest, older) {
+        (XactStatus::Aborted, _) => Err(Never::RolledBack),
+        (XactStatus::Future, Some(XactStatus::Committed | XactStatus::Forgotten)) => {
+            Ok(Invisible::VisibleAfterAll)
+        }
+        (XactStatus::Future, Some(XactStatus::Aborted)) => Err(Never::RolledBack),
+        (XactStatus::Future, _) => Err(Never::Assigned),
+        (XactStatus::Committed | XactStatus::InProgress | XactStatus::Forgotten, _) => {
+            Ok(Invisible::Wait)
+        }
+    }
+}
+
 /// Whether transaction `$parameter` (a 32-bit xid as text; 0 for none) is visible in
 /// `snapshot` (an SQL expression of type `pg_snapshot`; the reader passes
 /// `pg_current_snapshot()`), and its full (epoch-qualified) id as text.
@@ -168,9 +220,10 @@ enum Attempt {
 /// plus the xid's signed 32-bit distance from `xmax`'s low bits. Live xids are within 2³¹ of
 /// each other (wraparound protection), so this names the right epoch both for an xid below
 /// `xmax` (committed, possibly in the epoch before, when the counter wrapped since) and for one
-/// at or above it (still finishing its commit, in `xmax`'s epoch). An id that would fall below
-/// zero cannot be this cluster's; it is moved into the future, which the reader reports as
-/// never assigned. Public for its tests against a real server (tests/replication.rs).
+/// at or above it (still finishing its commit, in `xmax`'s epoch). An event more than 2³¹
+/// transactions old gets an id in the future; the reader then tries the epoch before
+/// ([`invisibility_verdict`]). An id that would fall below zero cannot be this cluster's; it
+/// is moved into the future too. Public for its tests against a real server (tests/replication.rs).
 pub fn transaction_visibility_sql(parameter: usize, snapshot: &str) -> String {
     format!(
         "SELECT CASE WHEN x = 0 THEN true ELSE pg_visible_in_snapshot(f::text::xid8, snap) END, f::text \
@@ -218,14 +271,16 @@ impl Connection {
                     "table {qualified}: key column {column} no longer exists"
                 )));
             };
-            let text = self
-                .codec
-                .postgres_text(*oid, value.get())
-                .map_err(|error| {
-                    RowSourceError::Permanent(format!(
+            let text = match self.codec.postgres_text(*oid, value.get()) {
+                Ok(text) => text,
+                // Perhaps read back as a type the column no longer has.
+                Err(_) if !loaded_now => return Ok(Attempt::Stale),
+                Err(error) => {
+                    return Err(RowSourceError::Permanent(format!(
                         "table {qualified}: key column {column} cannot be read back: {error}"
-                    ))
-                })?;
+                    )));
+                }
+            };
             conditions.push(format!(
                 "{} = ${}::text::{type_name}",
                 quote_identifier(column),
@@ -294,10 +349,18 @@ impl Connection {
         let visible: bool = row.get(0);
         if !visible {
             let xid: String = row.get(1);
-            return self.invisible_transaction(&xid, transaction).await;
+            match self.invisible_transaction(&xid, transaction).await? {
+                Invisible::Wait => return Ok(Attempt::NotVisibleYet),
+                Invisible::VisibleAfterAll => {}
+            }
         }
         let found: Option<bool> = row.get(2);
         if found.is_none() {
+            // A key cast to a type the column no longer has may compare unequal to every row
+            // (real → double precision): only a fresh view concludes that the row is gone.
+            if !loaded_now {
+                return Ok(Attempt::Stale);
+            }
             return Ok(Attempt::Read(RowRead::Gone));
         }
         let key_types_at = 3 + present.len() * 3;
@@ -342,34 +405,56 @@ impl Connection {
         }))
     }
 
-    /// Why the event's transaction (full id `xid`) is not visible: still finishing its commit
-    /// (it is committed or in progress in the commit log; wait), or never a committed transaction
-    /// of this cluster (aborted, or an id not assigned yet: a record not from this cluster).
+    /// Why the event's transaction (full id `xid`, the candidate nearest the snapshot's xmax) is
+    /// not visible, by the commit log ([`invisibility_verdict`]): still finishing its commit
+    /// (wait), visible after all (the event is older than 2³¹ transactions: its id is in the
+    /// epoch before), or never a committed transaction of this cluster.
     async fn invisible_transaction(
         &self,
         xid: &str,
         transaction: u64,
-    ) -> Result<Attempt, RowSourceError> {
+    ) -> Result<Invisible, RowSourceError> {
+        let nearest = self.transaction_status(xid).await?;
+        let older = match (nearest, xid.parse::<u64>()) {
+            (XactStatus::Future, Ok(full)) => match full.checked_sub(1 << 32) {
+                Some(older) => Some(self.transaction_status(&older.to_string()).await?),
+                None => None,
+            },
+            _ => None,
+        };
+        invisibility_verdict(nearest, older).map_err(|never| {
+            RowSourceError::Permanent(match never {
+                Never::RolledBack => format!(
+                    "the event's transaction {transaction} was rolled back in this PostgreSQL cluster"
+                ),
+                Never::Assigned => format!(
+                    "the event's transaction {transaction} was never assigned by this PostgreSQL cluster"
+                ),
+            })
+        })
+    }
+
+    /// The commit log's word on a full transaction id.
+    async fn transaction_status(&self, xid: &str) -> Result<XactStatus, RowSourceError> {
         let status = self
             .catalog
             .client()
             .query_one("SELECT pg_xact_status($1::text::xid8)", &[&xid])
             .await;
         match status {
-            Ok(row) => match row.get::<_, Option<String>>(0).as_deref() {
-                Some("aborted") => Err(RowSourceError::Permanent(format!(
-                    "the event's transaction {transaction} was rolled back in this PostgreSQL cluster"
-                ))),
-                _ => Ok(Attempt::NotVisibleYet),
-            },
+            Ok(row) => Ok(match row.get::<_, Option<String>>(0).as_deref() {
+                Some("committed") => XactStatus::Committed,
+                Some("aborted") => XactStatus::Aborted,
+                Some(_) => XactStatus::InProgress,
+                // Older than the commit log keeps.
+                None => XactStatus::Forgotten,
+            }),
             // 22023: "transaction ID … is in the future".
             Err(error)
                 if error.code()
                     == Some(&tokio_postgres::error::SqlState::INVALID_PARAMETER_VALUE) =>
             {
-                Err(RowSourceError::Permanent(format!(
-                    "the event's transaction {transaction} was never assigned by this PostgreSQL cluster"
-                )))
+                Ok(XactStatus::Future)
             }
             Err(error) => Err(postgres_error(error)),
         }
@@ -420,7 +505,7 @@ impl Connection {
                 .catalog
                 .client()
                 .query(
-                    "SELECT a.attname::text, a.atttypid, format_type(a.atttypid, NULL)
+                    "SELECT a.attname::text, a.atttypid, format_type(a.atttypid, -1)
                      FROM pg_attribute a
                      JOIN pg_class c ON c.oid = a.attrelid
                      JOIN pg_namespace n ON n.oid = c.relnamespace
@@ -468,5 +553,48 @@ fn postgres_error(error: tokio_postgres::Error) -> RowSourceError {
             }
             _ => RowSourceError::Permanent(format!("PostgreSQL refused the re-read: {detail}")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use XactStatus::{Aborted, Committed, Forgotten, Future, InProgress};
+
+    #[test]
+    fn a_transaction_finishing_its_commit_is_waited_for() {
+        assert_eq!(invisibility_verdict(Committed, None), Ok(Invisible::Wait));
+        assert_eq!(invisibility_verdict(InProgress, None), Ok(Invisible::Wait));
+    }
+
+    #[test]
+    fn an_event_older_than_half_the_id_space_is_in_the_epoch_before() {
+        // 3000000000:3000000000: with xid 500000000 — 2.5·10⁹ transactions old, not in progress.
+        assert_eq!(
+            invisibility_verdict(Future, Some(Committed)),
+            Ok(Invisible::VisibleAfterAll)
+        );
+        assert_eq!(
+            invisibility_verdict(Future, Some(Forgotten)),
+            Ok(Invisible::VisibleAfterAll)
+        );
+    }
+
+    #[test]
+    fn ids_this_cluster_never_committed_are_refused() {
+        assert_eq!(invisibility_verdict(Aborted, None), Err(Never::RolledBack));
+        assert_eq!(
+            invisibility_verdict(Future, Some(Aborted)),
+            Err(Never::RolledBack)
+        );
+        assert_eq!(invisibility_verdict(Future, None), Err(Never::Assigned));
+        assert_eq!(
+            invisibility_verdict(Future, Some(InProgress)),
+            Err(Never::Assigned)
+        );
+        assert_eq!(
+            invisibility_verdict(Future, Some(Future)),
+            Err(Never::Assigned)
+        );
     }
 }
