@@ -418,11 +418,35 @@ impl Simulation {
         while !self.copy_rows.is_empty() {
             self.copy_row();
         }
+        self.catch_up();
+    }
+
+    fn catch_up(&mut self) {
         for partition in 0..PARTITIONS {
             while self.positions[partition] < self.logs[partition].len() {
                 self.apply(partition, 7, None);
             }
         }
+    }
+
+    /// The runbook's recovery from dead letters: the operator touches the rows
+    /// (`UPDATE … SET id = id`), whose new events leave the TOASTed value untouched.
+    fn touch_rows_awaiting_an_operator(&mut self) {
+        let awaiting = self.keys_awaiting_an_operator();
+        let touches: Vec<Statement> = self
+            .table
+            .iter()
+            .filter(|(key, _)| awaiting.contains(key))
+            .map(|(key, row)| Statement::UpdateSmall {
+                key: *key,
+                small: row.small,
+                big_travels: false,
+            })
+            .collect();
+        if !touches.is_empty() {
+            self.transaction(&touches);
+        }
+        self.catch_up();
     }
 
     /// The keys whose last event (the newest version; of equals, the later) was dead-lettered:
@@ -534,6 +558,8 @@ proptest! {
         simulation.run(&steps);
         let (documents, rows) = simulation.documents_and_rows();
         prop_assert_eq!(documents, rows);
+        simulation.touch_rows_awaiting_an_operator();
+        prop_assert_eq!(simulation.documents(), simulation.table.clone());
     }
 }
 
