@@ -293,6 +293,12 @@ impl Envelope {
     }
 }
 
+/// Writes `text` as a JSON string.
+pub(crate) fn write_json_string(out: &mut Vec<u8>, text: &str) {
+    // serde_json escapes exactly as JSON requires; writing into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, text);
+}
+
 #[cfg(test)]
 mod envelope_tests {
     use super::*;
@@ -342,10 +348,4 @@ mod envelope_tests {
         assert!(!row.remove("a"));
         assert_eq!(row.len(), 2);
     }
-}
-
-/// Writes `text` as a JSON string.
-pub(crate) fn write_json_string(out: &mut Vec<u8>, text: &str) {
-    // serde_json escapes exactly as JSON requires; writing into a Vec cannot fail.
-    let _ = serde_json::to_writer(&mut *out, text);
 }

@@ -28,7 +28,7 @@ use futures_util::future::BoxFuture;
 use tokio::sync::{Notify, watch};
 
 use crate::config::{Config, SnapshotMode};
-use crate::event::{Op, SnapshotMarker, SourceInfo, TxContext};
+use crate::event::{SourceInfo, TxContext};
 use crate::health::HEALTH;
 use crate::kafka::frontier::{FlushFrontier, TxAcks};
 use crate::kafka::producer::EventProducer;
@@ -626,16 +626,7 @@ impl Reader<'_> {
                 let Some(route) = self.routes.get(&insert.relation_oid) else {
                     return Ok(());
                 };
-                let change = RowChange {
-                    op: Op::Create,
-                    before: None,
-                    before_is_key_only: false,
-                    after: Some(&insert.new.0),
-                    fill_from: None,
-                    key_row: &insert.new.0,
-                    lsn,
-                    snapshot: SnapshotMarker::False,
-                };
+                let change = RowChange::insert(&insert.new.0, lsn);
                 let record = self
                     .writer
                     .row_event(route, &change, &self.open_tx()?.context)?;
@@ -682,41 +673,19 @@ impl Reader<'_> {
         update: pgoutput::Update,
     ) -> anyhow::Result<()> {
         let new = &update.new.0;
-        let full_old = match &update.old {
-            Some(OldTuple::Full(old)) => Some(&old.0[..]),
-            _ => None,
-        };
         if let Some(old) = &update.old {
             let old_key = self.writer.key(route, &old.tuple().0)?;
             let new_key = self.writer.key(route, new)?;
             if old_key != new_key {
                 self.send_delete(route, lsn, old).await?;
-                let change = RowChange {
-                    op: Op::Create,
-                    before: None,
-                    before_is_key_only: false,
-                    after: Some(new),
-                    fill_from: full_old,
-                    key_row: new,
-                    lsn,
-                    snapshot: SnapshotMarker::False,
-                };
+                let change = RowChange::key_change_create(new, update.old.as_ref(), lsn);
                 let record = self
                     .writer
                     .row_event(route, &change, &self.open_tx()?.context)?;
                 return self.send(record).await;
             }
         }
-        let change = RowChange {
-            op: Op::Update,
-            before: update.old.as_ref().map(|old| &old.tuple().0[..]),
-            before_is_key_only: matches!(update.old, Some(OldTuple::Key(_))),
-            after: Some(new),
-            fill_from: full_old,
-            key_row: new,
-            lsn,
-            snapshot: SnapshotMarker::False,
-        };
+        let change = RowChange::update(new, update.old.as_ref(), lsn);
         let record = self
             .writer
             .row_event(route, &change, &self.open_tx()?.context)?;
@@ -729,16 +698,7 @@ impl Reader<'_> {
         lsn: Lsn,
         old: &OldTuple,
     ) -> anyhow::Result<()> {
-        let change = RowChange {
-            op: Op::Delete,
-            before: Some(&old.tuple().0),
-            before_is_key_only: matches!(old, OldTuple::Key(_)),
-            after: None,
-            fill_from: None,
-            key_row: &old.tuple().0,
-            lsn,
-            snapshot: SnapshotMarker::False,
-        };
+        let change = RowChange::delete(old, lsn);
         // Held until the delete is handed to the producer, so a copy cannot complete (and send
         // its control records) between the decision and the send.
         let copies = Arc::clone(&self.copies);

@@ -15,7 +15,7 @@ use crate::event::{
     Op, Record, RecordHeaders, SnapshotMarker, SourceInfo, TxContext, write_json_string,
 };
 use crate::lsn::Lsn;
-use crate::postgres::pgoutput::{Relation, TupleValue};
+use crate::postgres::pgoutput::{OldTuple, Relation, TupleValue};
 use crate::postgres::types::{Codec, CodecError};
 
 /// A captured table as of the Relation message in force: where its events go and which of
@@ -84,6 +84,83 @@ pub struct RowChange<'a> {
     pub key_row: Row<'a>,
     pub lsn: Lsn,
     pub snapshot: SnapshotMarker,
+}
+
+/// The changes pgoutput and the copy produce, each built in one place.
+impl<'a> RowChange<'a> {
+    /// A streamed insert.
+    pub fn insert(new: Row<'a>, lsn: Lsn) -> Self {
+        Self::create(new, None, lsn)
+    }
+
+    /// The create of a key change's new key: its unchanged TOAST values come from the full old
+    /// row when there is one (REPLICA IDENTITY FULL), else they are listed as not travelled.
+    pub fn key_change_create(new: Row<'a>, old: Option<&'a OldTuple>, lsn: Lsn) -> Self {
+        Self::create(new, full_row(old), lsn)
+    }
+
+    fn create(new: Row<'a>, fill_from: Option<Row<'a>>, lsn: Lsn) -> Self {
+        Self {
+            op: Op::Create,
+            before: None,
+            before_is_key_only: false,
+            after: Some(new),
+            fill_from,
+            key_row: new,
+            lsn,
+            snapshot: SnapshotMarker::False,
+        }
+    }
+
+    /// A streamed update that keeps the key, with the old tuple pgoutput sent, if any.
+    pub fn update(new: Row<'a>, old: Option<&'a OldTuple>, lsn: Lsn) -> Self {
+        Self {
+            op: Op::Update,
+            before: old.map(|old| &old.tuple().0[..]),
+            before_is_key_only: matches!(old, Some(OldTuple::Key(_))),
+            after: Some(new),
+            fill_from: full_row(old),
+            key_row: new,
+            lsn,
+            snapshot: SnapshotMarker::False,
+        }
+    }
+
+    /// A streamed delete (also the old key's half of a key change).
+    pub fn delete(old: &'a OldTuple, lsn: Lsn) -> Self {
+        Self {
+            op: Op::Delete,
+            before: Some(&old.tuple().0),
+            before_is_key_only: matches!(old, OldTuple::Key(_)),
+            after: None,
+            fill_from: None,
+            key_row: &old.tuple().0,
+            lsn,
+            snapshot: SnapshotMarker::False,
+        }
+    }
+
+    /// A row of a copy, versioned `cp − 1` (`version`).
+    pub fn snapshot_row(values: Row<'a>, version: Lsn) -> Self {
+        Self {
+            op: Op::Read,
+            before: None,
+            before_is_key_only: false,
+            after: Some(values),
+            fill_from: None,
+            key_row: values,
+            lsn: version,
+            snapshot: SnapshotMarker::True,
+        }
+    }
+}
+
+/// The whole old row, under REPLICA IDENTITY FULL.
+fn full_row(old: Option<&OldTuple>) -> Option<Row<'_>> {
+    match old {
+        Some(OldTuple::Full(old)) => Some(&old.0[..]),
+        _ => None,
+    }
 }
 
 /// Writes events for one source. Cheap to share.

@@ -47,7 +47,7 @@ use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 
 use crate::config::SnapshotConfig;
-use crate::event::{Op, SnapshotMarker, TxContext};
+use crate::event::TxContext;
 use crate::kafka::frontier::TxAcks;
 use crate::kafka::producer::EventProducer;
 use crate::lsn::Lsn;
@@ -682,16 +682,7 @@ async fn stream_rows(
                     )
                 },
             )?;
-            let change = RowChange {
-                op: Op::Read,
-                before: None,
-                before_is_key_only: false,
-                after: Some(&values),
-                fill_from: None,
-                key_row: &values,
-                lsn: version,
-                snapshot: SnapshotMarker::True,
-            };
+            let change = RowChange::snapshot_row(&values, version);
             let record = writer.row_event(&route, &change, &tx)?;
             producer.send(&record, &acks).await?;
             rows += 1;
