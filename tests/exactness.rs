@@ -498,148 +498,104 @@ async fn the_re_read_follows_columns_added_and_retyped_after_it_first_read_the_t
     drop_slot(&name).await;
 }
 
+/// A TOAST table keyed by `key`, captured by a running pipeline, through `steps`: each is SQL
+/// (`{table}` stands for the table, `{big1}` and `{big2}` for two large values) and what it
+/// does; the index must equal the table after each. An update of one row in a step of its own
+/// is re-read (nothing earlier in its batch).
+async fn rereads_through(label: &str, key: &str, steps: &[(&str, &str)]) {
+    let name = name(label);
+    let table = format!("public.{name}");
+    let client = sql().await;
+    toast_table(&client, &table, key).await;
+    let config = pipeline_config(&name, &[&table]);
+    let pipeline = RunningPipeline::start(config.clone()).await;
+    for (statements, what) in steps {
+        let statements = statements
+            .replace("{table}", &table)
+            .replace("{big1}", &big("one"))
+            .replace("{big2}", &big("two"));
+        run(&client, &statements, what).await;
+        wait_equal(&config, "public", &name, &["id"], Duration::from_secs(60)).await;
+    }
+    pipeline.stop().await;
+    drop_slot(&name).await;
+}
+
 #[tokio::test]
 async fn the_re_read_follows_key_columns_retyped_after_it_first_read_the_table() {
     // A key cast to the length the reader first saw ('abcdefgh'::varchar(5) is 'abcde') would
-    // find another row and fill its value; one cast to int4 would overflow.
-    let name = name("exact_reread_key_ddl");
-    let table = format!("public.{name}");
-    let client = sql().await;
-    toast_table(&client, &table, "id varchar(5)").await;
-    client
-        .batch_execute(&format!("ALTER TABLE {table} ADD COLUMN n int UNIQUE"))
-        .await
-        .expect("add n");
-    let config = pipeline_config(&name, &[&table]);
-    let pipeline = RunningPipeline::start(config.clone()).await;
-    let wait = || wait_equal(&config, "public", &name, &["id"], Duration::from_secs(60));
-    run(
-        &client,
-        &format!(
-            "INSERT INTO {table} VALUES ('abcde', 'a', {}, 1)",
-            big("one")
-        ),
-        "insert",
+    // find another row and fill its value.
+    rereads_through(
+        "exact_reread_key_ddl",
+        "id varchar(5)",
+        &[
+            (
+                "INSERT INTO {table} VALUES ('abcde', 'a', {big1})",
+                "insert",
+            ),
+            // The reader learns the table with id varchar(5).
+            (
+                "UPDATE {table} SET note = 'b' WHERE id = 'abcde'",
+                "the first re-read",
+            ),
+            (
+                "ALTER TABLE {table} ALTER COLUMN id TYPE varchar(10);
+                 INSERT INTO {table} VALUES ('abcdefgh', 'c', {big2});",
+                "widen the key, insert a long one",
+            ),
+            (
+                "UPDATE {table} SET note = 'd' WHERE id = 'abcdefgh'",
+                "update the long key",
+            ),
+        ],
     )
     .await;
-    wait().await;
-    // The first re-read: the reader learns the table with id varchar(5).
-    run(
-        &client,
-        &format!("UPDATE {table} SET note = 'b' WHERE id = 'abcde'"),
-        "the first update",
+}
+
+#[tokio::test]
+async fn the_re_read_follows_an_integer_key_widened_after_it_first_read_the_table() {
+    // Cast to int4, the key would overflow (22003) and the update be dead-lettered.
+    rereads_through(
+        "exact_reread_int_key",
+        "id int",
+        &[
+            ("INSERT INTO {table} VALUES (1, 'a', {big1})", "insert"),
+            (
+                "UPDATE {table} SET note = 'b' WHERE id = 1",
+                "the first re-read",
+            ),
+            (
+                "ALTER TABLE {table} ALTER COLUMN id TYPE bigint;
+                 INSERT INTO {table} VALUES (5000000000, 'c', {big2});",
+                "widen the key, insert a key beyond int4",
+            ),
+            (
+                "UPDATE {table} SET note = 'd' WHERE id = 5000000000",
+                "update it",
+            ),
+        ],
     )
     .await;
-    wait().await;
-    run(
-        &client,
-        &format!(
-            "ALTER TABLE {table} ALTER COLUMN id TYPE varchar(10);
-             INSERT INTO {table} VALUES ('abcdefgh', 'c', {}, 2);",
-            big("two")
-        ),
-        "widen the key",
-    )
-    .await;
-    wait().await;
-    run(
-        &client,
-        &format!("UPDATE {table} SET note = 'd' WHERE id = 'abcdefgh'"),
-        "update the long key",
-    )
-    .await;
-    wait().await;
-    let alias = alias_of(&config, "public", &name);
-    let document = stored_document(&alias, "abcdefgh").await.expect("document");
-    assert_eq!(
-        md5_of(&document["big"]),
-        md5_of_big(&client, &table, "id = 'abcdefgh'").await,
-        "the long key's own big, not the short key's"
-    );
-    pipeline.stop().await;
-    drop_slot(&name).await;
 }
 
 #[tokio::test]
 async fn a_char_key_is_re_read_by_its_whole_value() {
     // Cast to bare `character` (char(1)), 'abcde' would be 'a': another row's value.
-    let name = name("exact_char_key");
-    let table = format!("public.{name}");
-    let client = sql().await;
-    toast_table(&client, &table, "id char(5)").await;
-    client
-        .batch_execute(&format!(
-            "INSERT INTO {table} VALUES ('abcde', 'a', {}), ('a', 'b', {})",
-            big("long"),
-            big("short")
-        ))
-        .await
-        .expect("insert");
-    let config = pipeline_config(&name, &[&table]);
-    let pipeline = RunningPipeline::start(config.clone()).await;
-    let wait = || wait_equal(&config, "public", &name, &["id"], Duration::from_secs(60));
-    wait().await;
-    run(
-        &client,
-        &format!("UPDATE {table} SET note = 'c' WHERE id = 'abcde'"),
-        "update the long key",
+    rereads_through(
+        "exact_char_key",
+        "id char(5)",
+        &[
+            (
+                "INSERT INTO {table} VALUES ('abcde', 'a', {big1}), ('a', 'b', {big2})",
+                "insert",
+            ),
+            (
+                "UPDATE {table} SET note = 'c' WHERE id = 'abcde'",
+                "update the long key",
+            ),
+        ],
     )
     .await;
-    wait().await;
-    pipeline.stop().await;
-    drop_slot(&name).await;
-}
-
-#[tokio::test]
-async fn the_re_read_follows_an_integer_key_widened_after_it_first_read_the_table() {
-    let name = name("exact_reread_int_key");
-    let table = format!("public.{name}");
-    let client = sql().await;
-    toast_table(&client, &table, "id int").await;
-    let config = pipeline_config(&name, &[&table]);
-    let pipeline = RunningPipeline::start(config.clone()).await;
-    let wait = || wait_equal(&config, "public", &name, &["id"], Duration::from_secs(60));
-    run(
-        &client,
-        &format!("INSERT INTO {table} VALUES (1, 'a', {})", big("one")),
-        "insert",
-    )
-    .await;
-    wait().await;
-    run(
-        &client,
-        &format!("UPDATE {table} SET note = 'b' WHERE id = 1"),
-        "the first update",
-    )
-    .await;
-    wait().await;
-    let dead_letters_before = pipeline.stats.dead_lettered.load(Ordering::Relaxed);
-    run(
-        &client,
-        &format!(
-            "ALTER TABLE {table} ALTER COLUMN id TYPE bigint;
-             INSERT INTO {table} VALUES (5000000000, 'c', {});",
-            big("two")
-        ),
-        "widen the key, then insert a key beyond int4",
-    )
-    .await;
-    wait().await;
-    // In a batch of its own, so that it is re-read.
-    run(
-        &client,
-        &format!("UPDATE {table} SET note = 'd' WHERE id = 5000000000"),
-        "update it",
-    )
-    .await;
-    wait().await;
-    assert_eq!(
-        pipeline.stats.dead_lettered.load(Ordering::Relaxed),
-        dead_letters_before,
-        "nothing dead-lettered"
-    );
-    pipeline.stop().await;
-    drop_slot(&name).await;
 }
 
 #[tokio::test]

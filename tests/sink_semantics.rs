@@ -171,6 +171,25 @@ async fn a_poison_document_goes_to_the_dlq_and_later_events_are_indexed() {
     assert_eq!(stored(&alias(&config), 3).await.unwrap()["note"], "after");
 }
 
+/// Waits for the sink to stop on its breaker (limit 3); checks that at most the limit reached
+/// the DLQ (none when the burst came in one batch). Returns the error.
+async fn breaker_trip(sink: RunningSink, config: &Config) -> anyhow::Error {
+    let error = tokio::time::timeout(Duration::from_secs(60), sink.task)
+        .await
+        .expect("the sink stops by itself")
+        .expect("no panic")
+        .expect_err("the breaker stops the sink");
+    assert!(
+        format!("{error:#}").contains("breaker tripped"),
+        "{error:#}"
+    );
+    assert!(
+        topic_size(&format!("{}.dlq", config.kafka.topic_prefix)) <= 3,
+        "at most the limit reached the DLQ"
+    );
+    error
+}
+
 #[tokio::test]
 async fn a_burst_of_dead_letters_trips_the_breaker_instead_of_emptying_the_table_into_the_dlq() {
     let mut config = sink_config(&name("sink_breaker"));
@@ -186,18 +205,7 @@ async fn a_burst_of_dead_letters_trips_the_breaker_instead_of_emptying_the_table
     let sink = RunningSink::start(config.clone()).await;
     sink.wait_processed(1).await;
     produce(&topic, &events[1..]).await;
-    let error = tokio::time::timeout(Duration::from_secs(60), sink.task)
-        .await
-        .expect("the sink stops by itself")
-        .expect("no panic")
-        .expect_err("the breaker stops the sink");
-    assert!(
-        format!("{error:#}").contains("breaker tripped"),
-        "{error:#}"
-    );
-    // At most the limit reached the DLQ (none when the burst came in one batch), and the
-    // breaker counted more than the limit.
-    assert!(topic_size(&format!("{}.dlq", config.kafka.topic_prefix)) <= 3);
+    let error = breaker_trip(sink, &config).await;
     let counted: usize = format!("{error:#}")
         .split("tripped: ")
         .nth(1)
@@ -231,19 +239,7 @@ async fn dead_letters_of_every_reason_count_towards_the_breaker() {
             .collect();
         let sink = RunningSink::start(config.clone()).await;
         produce_keyed(&topic, &events).await;
-        let error = tokio::time::timeout(Duration::from_secs(60), sink.task)
-            .await
-            .expect("the sink stops by itself")
-            .expect("no panic")
-            .expect_err("the breaker stops the sink");
-        assert!(
-            format!("{error:#}").contains("breaker tripped"),
-            "{case}: {error:#}"
-        );
-        assert!(
-            topic_size(&format!("{}.dlq", config.kafka.topic_prefix)) <= 3,
-            "{case}: at most the limit reached the DLQ"
-        );
+        breaker_trip(sink, &config).await;
     }
 }
 

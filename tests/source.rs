@@ -370,11 +370,12 @@ async fn a_renamed_table_stops_the_source_with_the_fix_and_streams_under_its_new
     drop_slot(&name).await;
 }
 
-#[tokio::test]
-async fn a_swap_of_tables_the_stream_has_not_seen_yet_stops_the_source_too() {
-    // No change of either table since the source started: it knows them only by the OIDs the
-    // names had at its start.
-    let name = name("src_swap_unseen");
+/// Two captured tables swap names (the zero-downtime migration pattern, in one transaction),
+/// then a row goes into the one now named `_a`. With `seen_before`, both tables had a change
+/// since the source started. Returns the source's error and the notes of the changes the `_a`
+/// topic holds.
+async fn swap_two_captured_tables(label: &str, seen_before: bool) -> (String, String, Vec<Value>) {
+    let name = name(label);
     let first = format!("public.{name}_a");
     let second = format!("public.{name}_b");
     let client = sql().await;
@@ -386,71 +387,22 @@ async fn a_swap_of_tables_the_stream_has_not_seen_yet_stops_the_source_too() {
         .await
         .expect("create the tables");
     let source = RunningSource::start(config_for(&name, &[&first, &second])).await;
-    client
-        .batch_execute(&format!(
-            "BEGIN;
-             ALTER TABLE {first} RENAME TO {name}_tmp;
-             ALTER TABLE {second} RENAME TO {name}_a;
-             ALTER TABLE public.{name}_tmp RENAME TO {name}_b;
-             COMMIT;
-             INSERT INTO {first} VALUES (1, 'was b');"
-        ))
-        .await
-        .unwrap();
-    let error = source
-        .exited(Duration::from_secs(60))
-        .await
-        .expect_err("the source stops on the swap");
-    let message = format!("{error:#}");
-    assert!(
-        message.contains(&first) && message.contains("is not the one walsync started with"),
-        "{message}"
-    );
-    assert!(
-        message.contains("Kafka acknowledged every event sent before the stop"),
-        "{message}"
-    );
-    // (The topic holds the empty copy's control records, one per partition.)
-    let records =
-        read_whole_topic(&format!("{name}.public.{name}_a"), Duration::from_secs(30)).await;
-    let changes: Vec<&Value> = records
-        .iter()
-        .map(value)
-        .filter(|record| record.get("op").is_some())
-        .collect();
-    assert!(
-        changes.is_empty(),
-        "nothing of the other table reached the topic: {changes:?}"
-    );
-    drop_slot(&name).await;
-}
-
-#[tokio::test]
-async fn two_captured_tables_swapping_names_stop_the_source_before_either_topic_gets_the_others_rows()
- {
-    let name = name("src_swap");
-    let first = format!("public.{name}_a");
-    let second = format!("public.{name}_b");
-    let client = sql().await;
-    client
-        .batch_execute(&format!(
-            "CREATE TABLE {first} (id int PRIMARY KEY, note text);
-             CREATE TABLE {second} (id int PRIMARY KEY, note text);"
-        ))
-        .await
-        .expect("create the tables");
-    let source = RunningSource::start(config_for(&name, &[&first, &second])).await;
-    client
-        .batch_execute(&format!(
-            "INSERT INTO {first} VALUES (1, 'a'); INSERT INTO {second} VALUES (1, 'b');"
-        ))
-        .await
-        .unwrap();
     let first_topic = format!("{name}.public.{name}_a");
-    let second_topic = format!("{name}.public.{name}_b");
-    read_topic(&first_topic, 1, Duration::from_secs(60)).await;
-    read_topic(&second_topic, 1, Duration::from_secs(60)).await;
-    // The zero-downtime migration pattern: swap the names in one transaction.
+    if seen_before {
+        client
+            .batch_execute(&format!(
+                "INSERT INTO {first} VALUES (1, 'a'); INSERT INTO {second} VALUES (1, 'b');"
+            ))
+            .await
+            .expect("a change of each");
+        read_topic(&first_topic, 1, Duration::from_secs(60)).await;
+        read_topic(
+            &format!("{name}.public.{name}_b"),
+            1,
+            Duration::from_secs(60),
+        )
+        .await;
+    }
     client
         .batch_execute(&format!(
             "BEGIN;
@@ -461,26 +413,55 @@ async fn two_captured_tables_swapping_names_stop_the_source_before_either_topic_
              INSERT INTO {first} VALUES (2, 'was b');"
         ))
         .await
-        .unwrap();
+        .expect("swap");
     let error = source
         .exited(Duration::from_secs(60))
         .await
         .expect_err("the source stops on the swap");
-    let message = format!("{error:#}");
+    // (The topic also holds the copy's control records, one per partition.)
+    let notes = read_whole_topic(&first_topic, Duration::from_secs(30))
+        .await
+        .iter()
+        .map(value)
+        .filter(|record| record.get("op").is_some())
+        .map(|record| record["after"]["note"].clone())
+        .collect();
+    drop_slot(&name).await;
+    (name, format!("{error:#}"), notes)
+}
+
+#[tokio::test]
+async fn two_captured_tables_swapping_names_stop_the_source_before_either_topic_gets_the_others_rows()
+ {
+    let (name, message, notes) = swap_two_captured_tables("src_swap", true).await;
     assert!(
-        message.contains(&second) && message.contains("renamed to") && message.contains(&first),
+        message.contains(&format!("public.{name}_b was renamed to public.{name}_a")),
         "{message}"
     );
     assert!(message.contains("pg_replication_slot_advance"), "{message}");
-    let first_records = read_whole_topic(&first_topic, Duration::from_secs(30)).await;
-    let notes: Vec<&Value> = first_records
-        .iter()
-        .map(|r| &value(r)["after"]["note"])
-        .collect();
     assert_eq!(
         notes,
-        [&json!("a")],
+        [json!("a")],
         "nothing of the other table reached the topic"
     );
-    drop_slot(&name).await;
+}
+
+#[tokio::test]
+async fn a_swap_of_tables_the_stream_has_not_seen_yet_stops_the_source_too() {
+    // No change of either table since the source started: it knows them only by the OIDs the
+    // names had at its start.
+    let (name, message, notes) = swap_two_captured_tables("src_swap_unseen", false).await;
+    assert!(
+        message.contains(&format!("public.{name}_a"))
+            && message.contains("is not the one walsync started with"),
+        "{message}"
+    );
+    assert!(
+        message.contains("Kafka acknowledged every event sent before the stop"),
+        "{message}"
+    );
+    assert!(
+        notes.is_empty(),
+        "nothing of the other table reached the topic: {notes:?}"
+    );
 }
