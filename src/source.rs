@@ -288,6 +288,7 @@ async fn stream_once(
         relations: Relations::new(),
         routes: HashMap::new(),
         routes_by_name,
+        catalog,
         tx: None,
         tombstones: config.kafka.tombstones,
         copies,
@@ -309,6 +310,12 @@ async fn stream_once(
     // Stop (requested or not): let Kafka acknowledge what it has, then confirm exactly that.
     let drain_producer = Arc::clone(producer);
     let drained = tokio::task::spawn_blocking(move || drain_producer.flush(DRAIN_TIMEOUT)).await?;
+    // An empty queue is not a delivered one: a record Kafka refused leaves the queue too.
+    let drained = drained.map_err(|error| error.to_string()).and_then(|()| {
+        producer.refused().map_or(Ok(()), |reason| {
+            Err(format!("Kafka refused a record: {reason}"))
+        })
+    });
     shared.reply_now.notify_one();
     tokio::time::sleep(Duration::from_millis(50)).await;
     status_task.abort();
@@ -519,6 +526,8 @@ struct Reader<'a> {
     /// Routes of captured relations, by OID, as of the Relation message in force.
     routes: HashMap<u32, TableRoute>,
     routes_by_name: &'a RouteTargets,
+    /// The metadata connection, to tell a replaced table from a replayed one.
+    catalog: &'a Catalog,
     tx: Option<OpenTx>,
     tombstones: bool,
     /// Tables being copied: their deletes are marked for soft tombstones.
@@ -610,7 +619,8 @@ impl Reader<'_> {
                 let relation = self.relations.apply(relation);
                 match self.routes_by_name.get(&key) {
                     Some(target) => {
-                        self.refuse_another_relation_under(&relation, target, &key, lsn)?;
+                        self.refuse_another_relation_under(&relation, target, &key)
+                            .await?;
                         let route = TableRoute::new(
                             relation,
                             Arc::clone(&target.topic),
@@ -766,42 +776,92 @@ impl Reader<'_> {
         Ok(())
     }
 
-    /// A configured name now belongs to another relation than the one captured under it (the OID
-    /// the name had when the source started): a captured table renamed onto it (two tables
-    /// swapping names), the table dropped and created again, or another table renamed onto its
-    /// name — also while the source was stopped, when the stream resumes before the change. Its
-    /// events would go on to the same topic and index, whose documents are the other relation's
-    /// rows (a drop sends no deletes), so the source stops before sending any of them, with the
-    /// way out (docs/runbook.md, "Schema changes").
-    fn refuse_another_relation_under(
+    /// A configured name now belongs to another relation than the one captured under it: a
+    /// captured table renamed onto it (two tables swapping names), the table dropped and created
+    /// again, or another table renamed onto its name. Its events would go on to the same topic
+    /// and index, whose documents are the other relation's rows (a drop sends no deletes), so
+    /// the source stops before sending any of them, with the way out (docs/runbook.md, "Schema
+    /// changes"). The point of the change is recognised three ways:
+    /// - in this stream, the name was routed to another relation before (the DDL is between);
+    /// - in this stream, the relation was routed under another name (renamed onto this one);
+    /// - the relation is not the one the name had at the start (`RouteTarget::oid`), and it is
+    ///   the one the name has now (the DDL happened since the start). When it is not the one the
+    ///   name has now either, the stream is replaying the time before a change made while the
+    ///   source was stopped: those events are the old relation's, for the old index, and go on;
+    ///   the stop comes where the stream reaches the new relation.
+    async fn refuse_another_relation_under(
         &self,
         relation: &crate::postgres::pgoutput::Relation,
         target: &RouteTarget,
         name: &(String, String),
-        lsn: Lsn,
     ) -> anyhow::Result<()> {
-        if relation.oid == target.oid {
-            return Ok(());
-        }
         let new_name = format!("{}.{}", name.0, name.1);
-        let what = match self.routes.get(&relation.oid) {
-            Some(previous) => format!(
+        let named = |route: &TableRoute| {
+            route.relation.namespace == name.0 && route.relation.name == name.1
+        };
+        let what = if let Some(previous) = self.routes.get(&relation.oid).filter(|r| !named(r)) {
+            format!(
                 "captured table {}.{} was renamed to {new_name}, the name of another captured table",
                 previous.relation.namespace, previous.relation.name
-            ),
-            None => format!(
-                "the table named {new_name} in the WAL (relation {}) is not the one walsync started with (relation {}): \
-                 it was dropped and created again, renamed, or another table took its name",
+            )
+        } else if let Some((before, _)) = self
+            .routes
+            .iter()
+            .find(|(oid, route)| **oid != relation.oid && named(route))
+        {
+            format!(
+                "the table named {new_name} is now relation {}, no longer relation {before}: it was dropped and created again, \
+                 or another table took its name",
+                relation.oid
+            )
+        } else if relation.oid != target.oid && self.catalog_oid(name).await? == Some(relation.oid)
+        {
+            format!(
+                "the table named {new_name} is now relation {}, not the relation {} walsync started with: it was dropped \
+                 and created again, or another table took its name",
                 relation.oid, target.oid
+            )
+        } else {
+            if relation.oid != target.oid {
+                tracing::warn!(table = %new_name, relation = relation.oid, "replaying changes of the relation that had this name before a schema change made while walsync was stopped; the source stops where the stream reaches the new relation");
+            }
+            return Ok(());
+        };
+        // The Relation message comes inside the transaction of the first change under the
+        // name: moving the slot past that transaction's commit skips it (its changes of other
+        // tables that come after this point too).
+        let skip_to = self
+            .tx
+            .as_ref()
+            .map(|tx| Lsn::from(tx.context.commit_lsn.as_u64() + 1));
+        let skip = match skip_to {
+            Some(skip_to) => format!(
+                "move the slot past the transaction (SELECT pg_replication_slot_advance('<postgres.slot>', '{skip_to}'); \
+                 its changes of other tables after this point are skipped too: touch those rows), "
             ),
+            None => String::new(),
         };
         anyhow::bail!(
-            "{what}, at WAL position {lsn}; nothing of it was sent. The indices of the tables involved hold the rows of \
-             the relations they had before. Once this process has exited and said that Kafka acknowledged everything, \
-             move the slot past this point (SELECT pg_replication_slot_advance('<postgres.slot>', '{lsn}')), start again, \
-             and rebuild each involved table's index with `walsync backfill <table> --into <new index>` \
-             (docs/runbook.md, \"Schema changes\")"
+            "{what}; nothing of it was sent. The indices of the tables involved hold the rows of the relations they had \
+             before. Once this process has exited and said that Kafka acknowledged everything: let the sink apply what \
+             the topics hold, {skip}start again, and rebuild each involved table's index with \
+             `walsync backfill <table> --into <new index>` (docs/runbook.md, \"Schema changes\")"
         )
+    }
+
+    /// The OID the table `name` has in the catalog now (`None`: no such table).
+    async fn catalog_oid(&self, name: &(String, String)) -> anyhow::Result<Option<u32>> {
+        let row = self
+            .catalog
+            .client()
+            .query_opt(
+                "SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2",
+                &[&name.0, &name.1],
+            )
+            .await
+            .context("reading the catalog to tell a replaced table from a replayed one")?;
+        Ok(row.map(|row| row.get::<_, u32>(0)))
     }
 
     fn open_tx(&self) -> anyhow::Result<&OpenTx> {

@@ -516,3 +516,63 @@ async fn mode_always_copies_again_and_mode_never_copies_nothing() {
     );
     drop_slot(&name).await;
 }
+
+#[tokio::test]
+async fn a_new_plan_replaces_a_stored_one_for_a_rewritten_table() {
+    // A rewrite (TRUNCATE, VACUUM FULL, CLUSTER) of a table whose copy did not finish makes the
+    // next start plan it again; storing the new plan collided with the old chunks' keys, and
+    // the source could not start.
+    use walsync::source::snapshot::plan::{self, Chunk};
+    let client = sql().await;
+    walsync::postgres::slot::migrate(
+        &mut walsync::postgres::catalog::Catalog::connect(
+            &walsync::postgres::replication::ConnectParams::from_url(&common::stack().pg_url)
+                .expect("PG_URL parses"),
+        )
+        .await
+        .expect("connect"),
+    )
+    .await
+    .expect("migrations");
+    let slot = name("plan_replace");
+    let table = "public.rewritten";
+    let chunk = |no, start_block, end_block| Chunk {
+        no,
+        start_block,
+        end_block,
+    };
+    plan::store(
+        &client,
+        &slot,
+        table,
+        100,
+        &[
+            chunk(0, 0, Some(8)),
+            chunk(1, 8, Some(16)),
+            chunk(2, 16, None),
+        ],
+    )
+    .await
+    .expect("the first plan");
+    plan::complete(&client, &slot, table, 0, Lsn::from(77), 5)
+        .await
+        .expect("one chunk done");
+    plan::store(
+        &client,
+        &slot,
+        table,
+        200,
+        &[chunk(0, 0, Some(4)), chunk(1, 4, None)],
+    )
+    .await
+    .expect("the new plan replaces the old one");
+    let stored = plan::load(&client, &slot, table)
+        .await
+        .expect("load")
+        .expect("a plan");
+    assert_eq!(stored.relfilenode, 200);
+    assert_eq!(stored.chunks, 2, "the old third chunk is gone");
+    assert_eq!(stored.pending.len(), 2, "the old completion is forgotten");
+    assert_eq!(stored.rows_done, 0);
+    plan::forget_all(&client, &slot).await.expect("clean up");
+}

@@ -30,7 +30,8 @@
 //!   is now (`pg_typeof`): a requested column the cache lacks (added since), a type that
 //!   changed, or a statement refused for a data or type error (a key value the old type cannot
 //!   hold) makes the reader read the catalog (and the types created since) again and retry
-//!   once before it concludes — also before concluding that the row is gone, or that its key
+//!   once before it concludes — also before concluding that the row is gone (when a catalog
+//!   query finds the key columns retyped), or that its key
 //!   cannot be read back. Key values are cast to the type without its modifier
 //!   (`character varying`, not `character varying(5)`; `bpchar`, not `character`, which is
 //!   `character(1)`): a cast to a shorter length would truncate the key and find another row.
@@ -358,7 +359,11 @@ impl Connection {
         if found.is_none() {
             // A key cast to a type the column no longer has may compare unequal to every row
             // (real → double precision): only a fresh view concludes that the row is gone.
-            if !loaded_now {
+            if !loaded_now
+                && !self
+                    .key_types_unchanged(address, key, &table_columns)
+                    .await?
+            {
                 return Ok(Attempt::Stale);
             }
             return Ok(Attempt::Read(RowRead::Gone));
@@ -432,6 +437,35 @@ impl Connection {
                 ),
             })
         })
+    }
+
+    /// Whether the key columns still have the types the cached view casts the key to (one
+    /// catalog query; a full reload would clear every prepared statement).
+    async fn key_types_unchanged(
+        &self,
+        address: RowAddress<'_>,
+        key: &RawRow,
+        cached: &HashMap<String, (u32, String)>,
+    ) -> Result<bool, RowSourceError> {
+        let names: Vec<String> = key.iter().map(|(column, _)| column.to_owned()).collect();
+        let rows = self
+            .catalog
+            .client()
+            .query(
+                "SELECT a.attname::text, a.atttypid
+                 FROM pg_attribute a
+                 JOIN pg_class c ON c.oid = a.attrelid
+                 JOIN pg_namespace n ON n.oid = c.relnamespace
+                 WHERE n.nspname = $1 AND c.relname = $2 AND a.attname = ANY($3) AND NOT a.attisdropped",
+                &[&address.schema, &address.table, &names],
+            )
+            .await
+            .map_err(postgres_error)?;
+        Ok(rows.len() == names.len()
+            && rows.iter().all(|row| {
+                let (column, oid): (String, u32) = (row.get(0), row.get(1));
+                cached.get(&column).map(|(cached, _)| *cached) == Some(oid)
+            }))
     }
 
     /// The commit log's word on a full transaction id.

@@ -31,7 +31,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 
 use crate::config::split_table_name;
 use crate::config::{Config, TableConfig};
-use crate::kafka::consumer::group_positions;
+use crate::kafka::consumer::{GroupPosition, group_positions};
 use crate::kafka::producer::client_config;
 use crate::kafka::topics::topic_name;
 use crate::lsn::Lsn;
@@ -330,13 +330,24 @@ fn wait_for_sink(
         group_positions(&consumer, &partitions, KAFKA_REQUEST_TIMEOUT)
             .with_context(|| format!("cannot read the position of group {group}"))
     };
-    // The ends as of now: what the sink must have applied.
-    let targets: Vec<i64> = read_positions()?.iter().map(|p| p.high).collect();
+    // The ends as of now: what the sink must have applied. A partition the group never
+    // committed counts from its log start as of now too, not from a later one (retention
+    // moving on is no progress of the sink).
+    let marks: Vec<(i64, i64)> = read_positions()?.iter().map(|p| (p.low, p.high)).collect();
     let start = Instant::now();
     loop {
         let behind: Vec<String> = read_positions()?
-            .iter()
-            .zip(&targets)
+            .into_iter()
+            .zip(&marks)
+            .map(|(position, (low, target))| {
+                (
+                    GroupPosition {
+                        low: *low,
+                        ..position
+                    },
+                    target,
+                )
+            })
             .filter(|(position, target)| position.behind(**target) > 0)
             .map(|(position, target)| {
                 format!(

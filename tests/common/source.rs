@@ -42,9 +42,15 @@ pub struct RunningSource {
 impl RunningSource {
     pub async fn start(config: Config) -> Self {
         let slot = config.postgres.slot.clone();
+        let source = Self::start_without_waiting(config);
+        wait_streaming(&slot).await;
+        source
+    }
+
+    /// Starts the source; the caller waits for what it expects (a stop, say).
+    pub fn start_without_waiting(config: Config) -> Self {
         let (stop, stopped) = watch::channel(false);
         let task = tokio::spawn(source::run(config, stopped));
-        wait_streaming(&slot).await;
         Self { stop, task }
     }
 

@@ -207,12 +207,20 @@ pub async fn store(
     let ends: Vec<Option<i64>> = chunks.iter().map(|chunk| chunk.end_block).collect();
     client
         .execute(
+            // The delete and the insert of one statement see the same snapshot: an insert of a
+            // chunk number the delete removes would still collide with it, so the delete takes
+            // only the numbers the new plan lacks and the insert overwrites the others.
             "WITH forgotten AS (
-                 DELETE FROM walsync.snapshot_chunks WHERE slot_name = $1 AND table_name = $2
+                 DELETE FROM walsync.snapshot_chunks
+                 WHERE slot_name = $1 AND table_name = $2 AND chunk_no <> ALL($4::int[])
              )
              INSERT INTO walsync.snapshot_chunks (slot_name, table_name, chunk_no, start_block, end_block, relfilenode)
              SELECT $1, $2, no, start_block, end_block, $3
-             FROM unnest($4::int[], $5::bigint[], $6::bigint[]) AS plan(no, start_block, end_block)",
+             FROM unnest($4::int[], $5::bigint[], $6::bigint[]) AS plan(no, start_block, end_block)
+             ON CONFLICT (slot_name, table_name, chunk_no) DO UPDATE
+             SET start_block = EXCLUDED.start_block, end_block = EXCLUDED.end_block,
+                 relfilenode = EXCLUDED.relfilenode, consistent_point = NULL, rows = NULL,
+                 completed_at = NULL",
             &[&slot, &table, &relfilenode, &numbers, &starts, &ends],
         )
         .await?;
